@@ -1,0 +1,99 @@
+"""The flags every job shares, and turning them into a validated ``Config``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from dkd_ray.config import PRESETS, Config, ConfigError, preset
+
+DATASETS = ("cuhk_sysu", "prw", "synthetic")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    for noisy in ("urllib3", "alembic", "matplotlib", "PIL", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", choices=DATASETS, default="synthetic",
+                      help="benchmark to use; 'synthetic' generates CUHK-SYSU-layout data when --data-root is "
+                           "not given (default: %(default)s)")
+    data.add_argument("--data-root", default="", help="the dataset folder as unpacked (CUHK-SYSU/ or PRW/)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--preset", choices=("auto", *PRESETS), default="auto",
+                     help="configuration preset; auto: the dataset's real recipe on GPU clusters, cpu-small for "
+                          "synthetic data (default: %(default)s)")
+    run.add_argument("--num-workers", type=int, help="Ray Train workers (one per GPU on a GPU cluster)")
+    run.add_argument("--use-gpu", choices=("auto", "true", "false"), help="default: auto (GPU when the cluster has one)")
+    run.add_argument("--storage-path", default=os.environ.get("DKD_STORAGE_PATH", "runs"),
+                     help="where checkpoints, the knowledge bank and run files go: a local folder, NFS or s3:// "
+                          "(default: %(default)s)")
+    run.add_argument("--experiment", default="",
+                     help="MLflow experiment (default: dkd-ray/<dataset>); tracking URI from MLFLOW_TRACKING_URI, "
+                          "else sqlite:///mlflow.db in the working folder")
+    run.add_argument("--seed", type=int, help="random seed (train.seed)")
+    run.add_argument("--max-iters", type=int, help="stop each training stage after this many iterations (smoke runs)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="config override, repeatable, e.g. --set student.lr=0.01 --set distill.tri_weight=0.5")
+    run.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Preset, then dataset and flags, then ``--set`` overrides; errors name the bad key."""
+    name = args.preset
+    if name == "auto":
+        name = "cpu-small" if args.dataset == "synthetic" else args.dataset
+    overrides = [f"data.dataset={args.dataset}"]
+    if args.data_root:
+        overrides.append(f"data.root={Path(args.data_root).expanduser().resolve()}")
+    for flag, key in (("num_workers", "train.num_workers"), ("use_gpu", "train.use_gpu"),
+                      ("seed", "train.seed"), ("max_iters", "train.max_iters")):
+        if getattr(args, flag, None) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    try:
+        return preset(name, overrides + list(args.overrides))
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def experiment_name(args: argparse.Namespace, cfg: Config) -> str:
+    return args.experiment or f"dkd-ray/{cfg.data.dataset}"
+
+
+def add_run_name_args(parser: argparse.ArgumentParser, job: str) -> None:
+    parser.add_argument("--run-name", default="", help=f"name of the Ray Train run (default: {job}-<timestamp>)")
+    parser.add_argument("--resume", metavar="RUN_NAME", default="",
+                        help="continue an interrupted run: same --storage-path and this run name; training "
+                             "restarts from its latest checkpoint")
+
+
+def run_name(args: argparse.Namespace, job: str) -> str:
+    import time
+
+    return args.resume or args.run_name or f"{job}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def prepare_driver(args: argparse.Namespace, cfg: Config) -> tuple[Path, str]:
+    """Logging, MLflow location and pipeline id for the workers, Ray, and the dataset folder.
+    Returns ``(data_root, storage_path)``."""
+    from dkd_ray import tracking
+    from dkd_ray.train.runner import init_ray
+    from dkd_ray.train.workdata import resolve_data_root
+
+    setup_logging()
+    # Resolved once here: workers run in Ray's folders, not the user's.
+    os.environ.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri())
+    os.environ.setdefault(tracking.PIPELINE_ENV, tracking.new_pipeline_id())
+    storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
+    data_root = resolve_data_root(cfg, storage if "://" not in storage else "data")
+    init_ray()
+    logging.getLogger("dkd_ray").info("MLflow tracking: %s (pipeline %s)", tracking.redact_uri(
+        os.environ["MLFLOW_TRACKING_URI"]), os.environ[tracking.PIPELINE_ENV])
+    return data_root, storage

@@ -1,0 +1,1 @@
+"""Distillation: box jitter (ISA/FSA), the three KD losses, the knowledge bank."""

@@ -1,0 +1,233 @@
+"""The pipeline's stages as the jobs' drivers run them: train on Ray, then track in MLflow.
+
+Each stage opens one MLflow run (grouped by ``pipeline_id``), runs a training loop on Ray Train
+workers (``dkd_ray.train.runner.fit``), and then, on the driver, logs the final metrics, the
+evaluation files and the model, and registers the model as ``dkd-<role>-<dataset>``.
+If MLflow is unreachable the stage still finishes and its checkpoints stay in the storage path.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dkd_ray.config import Config
+
+log = logging.getLogger(__name__)
+
+HEADLINE = {"cuhk_sysu": "cuhk_sysu/g100", "prw": "prw/all"}
+
+
+@dataclass
+class StageResult:
+    role: str
+    checkpoint: Path  # the final checkpoint folder (local or on shared storage)
+    metrics: dict[str, float]
+    run_id: str | None = None
+    model_uri: str | None = None
+    registered_version: str | None = None
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def bank_path(self) -> Path:
+        from dkd_ray.train.teacher_finish import BANK_DIR
+
+        return self.checkpoint / BANK_DIR
+
+
+def headline_prefix(metrics: dict[str, float], dataset: str) -> str:
+    """The protocol whose mAP/top-1 tag a registered model: CUHK-SYSU gallery 100 (the field's
+    headline), else the largest ``TestG`` gallery present; PRW all frames."""
+    preferred = HEADLINE.get(dataset)
+    if preferred and f"{preferred}/mAP" in metrics:
+        return preferred
+    sizes = [int(k.split("/")[1][1:]) for k in metrics
+             if k.endswith("/mAP") and k.count("/") == 2 and k.split("/")[1][:1] == "g" and k.split("/")[1][1:].isdigit()]
+    if sizes:
+        return f"{dataset}/g{max(sizes)}"
+    candidates = sorted(k[: -len("/mAP")] for k in metrics if k.endswith("/mAP"))
+    return candidates[0] if candidates else ""
+
+
+def _layout(cfg: Config) -> str:
+    from dkd_ray.train.workdata import dataset_layout
+
+    return dataset_layout(cfg)
+
+
+def _checkpoint_dir(result) -> Path:
+    """The final checkpoint as a local folder (Ray keeps it in the storage path)."""
+    if result.checkpoint is None:
+        raise RuntimeError(f"the Ray Train run ended without a checkpoint: {result.error!r}")
+    path = Path(result.checkpoint.path)
+    if path.exists():
+        return path
+    return Path(result.checkpoint.to_directory(tempfile.mkdtemp(prefix="dkd-final-")))
+
+
+def _tracker(cfg: Config, job: str, experiment: str, run_name: str):
+    from dkd_ray.tracking import Tracker
+
+    tracker = Tracker(cfg.data.dataset, job, experiment=experiment, run_name=run_name,
+                      tags={"preset": cfg.preset})
+    tracker.start()
+    tracker.log_config(cfg)
+    return tracker
+
+
+def _mlflow_settings(tracker, cfg: Config, job: str) -> dict[str, Any]:
+    return {"uri": tracker.uri, "run_id": tracker.run_id, "dataset": cfg.data.dataset, "job": job,
+            "experiment": tracker.experiment}
+
+
+def train_teacher_stage(cfg: Config, data_root: Path, *, storage_path: str | Path, experiment: str,
+                        run_name: str) -> StageResult:
+    """Train the teacher, evaluate it on ground truth, build the bank, log and register it."""
+    from dkd_ray.models.loading import load_model
+    from dkd_ray.tracking import registered_model_name, version_tags
+    from dkd_ray.train.runner import fit
+    from dkd_ray.train.teacher_loop import train_teacher
+
+    tracker = _tracker(cfg, "train_teacher", experiment, run_name)
+    loop_config = {"config": cfg.to_dict(), "data_root": str(data_root), "run_name": run_name,
+                   "mlflow": _mlflow_settings(tracker, cfg, "train_teacher")}
+    result = fit(train_teacher, loop_config, cfg, name=run_name, storage_path=storage_path)
+    checkpoint = _checkpoint_dir(result)
+    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    stage = StageResult("teacher", checkpoint, metrics, run_id=tracker.run_id)
+    tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("teacher_gt/")})
+    tracker.set_tags({"checkpoint": str(checkpoint), "knowledge_bank": str(stage.bank_path)})
+
+    teacher = load_model(checkpoint, role="teacher")
+    head = headline_prefix({k.removeprefix("teacher_gt/"): v for k, v in metrics.items()}, _layout(cfg))
+    tags = version_tags(cfg, {"mAP": metrics.get(f"teacher_gt/{head}/mAP", float("nan")),
+                              "top1": metrics.get(f"teacher_gt/{head}/top1", float("nan"))})
+    tags["knowledge_bank"] = str(stage.bank_path)
+    example = np.random.default_rng(0).random((1, 3, cfg.teacher.input_height, cfg.teacher.input_width), dtype=np.float32)
+    info = tracker.log_model(teacher, "model", example, config=teacher.spec,
+                             registered_name=registered_model_name("teacher", cfg.data.dataset), version_tags=tags)
+    if info is not None:
+        stage.model_uri, stage.registered_version = info.model_uri, getattr(info, "registered_model_version", None)
+    tracker.end()
+    return stage
+
+
+def resolve_bank(cfg: Config, teacher_ref: str, data_root: Path, *, storage_path: str | Path,
+                 run_name: str) -> Path:
+    """The knowledge bank of ``teacher_ref``: its registered version's ``knowledge_bank`` tag or
+    its checkpoint's ``bank/`` when it exists, else built now on the cluster (sharded)."""
+    from dkd_ray.train.teacher_finish import BANK_DIR
+
+    local = Path(teacher_ref).expanduser()
+    if local.exists() and (local / BANK_DIR).is_dir():
+        return local / BANK_DIR
+    if teacher_ref.startswith("models:/"):
+        bank = registered_version_tags(teacher_ref).get("knowledge_bank")
+        if bank and Path(bank).is_dir():
+            return Path(bank)
+    from dkd_ray.train.bank_loop import build_bank
+    from dkd_ray.train.runner import fit
+
+    log.info("no knowledge bank recorded for %s: building it on the cluster", teacher_ref)
+    result = fit(build_bank, {"config": cfg.to_dict(), "data_root": str(data_root), "teacher_ref": teacher_ref},
+                 cfg, name=f"{run_name}-bank", storage_path=storage_path)
+    return _checkpoint_dir(result) / BANK_DIR
+
+
+def train_student_stage(cfg: Config, data_root: Path, *, teacher_ref: str, bank_path: Path | None,
+                        storage_path: str | Path, experiment: str, run_name: str,
+                        output_dir: Path) -> StageResult:
+    """Train the distilled student on Ray, evaluate it (full protocol, two-step reference), log
+    and register it."""
+    from dkd_ray.data import load_annotations
+    from dkd_ray.eval.pipeline import evaluate_arrays
+    from dkd_ray.models.loading import load_model
+    from dkd_ray.tracking import registered_model_name, version_tags
+    from dkd_ray.train.evaluation import EvaluationArrays
+    from dkd_ray.train.runner import fit
+    from dkd_ray.train.student_loop import train_student
+
+    tracker = _tracker(cfg, "train_student", experiment, run_name)
+    tracker.set_tags({"teacher": teacher_ref})
+    loop_config = {"config": cfg.to_dict(), "data_root": str(data_root), "teacher_ref": teacher_ref,
+                   "bank_path": str(bank_path) if bank_path else "", "run_name": run_name,
+                   "mlflow": _mlflow_settings(tracker, cfg, "train_student")}
+    result = fit(train_student, loop_config, cfg, name=run_name, storage_path=storage_path)
+    checkpoint = _checkpoint_dir(result)
+    stage = StageResult("student", checkpoint, {}, run_id=tracker.run_id)
+    tracker.set_tags({"checkpoint": str(checkpoint)})
+
+    annotations = load_annotations(_layout(cfg), data_root)
+    arrays = EvaluationArrays.load(checkpoint / "evaluation")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    report = evaluate_arrays(annotations, arrays.gallery, arrays.query_embeddings,
+                             score_threshold=cfg.eval.score_threshold, cbgm=cfg.eval.cbgm, output_dir=output_dir)
+    stage.metrics = dict(report.metrics)
+    stage.files = list(report.files)
+    if cfg.eval.two_step:
+        stage.metrics.update(two_step_reference(cfg, annotations, arrays, teacher_ref))
+    tracker.log_metrics(stage.metrics)
+    tracker.log_artifacts(output_dir, "evaluation")
+
+    student = load_model(checkpoint, role="student")
+    head = headline_prefix(stage.metrics, _layout(cfg))
+    tags = version_tags(cfg, {"mAP": stage.metrics.get(f"{head}/mAP", float("nan")),
+                              "top1": stage.metrics.get(f"{head}/top1", float("nan"))})
+    tags["teacher"] = teacher_ref
+    example = np.random.default_rng(0).random((1, 3, cfg.data.short_side, cfg.data.short_side), dtype=np.float32)
+    info = tracker.log_model(student, "model", example, config=student.spec, serialization="pickle",
+                             registered_name=registered_model_name("student", cfg.data.dataset), version_tags=tags)
+    if info is not None:
+        stage.model_uri, stage.registered_version = info.model_uri, getattr(info, "registered_model_version", None)
+    tracker.end()
+    return stage
+
+
+def two_step_reference(cfg: Config, annotations, arrays, teacher_ref: str) -> dict[str, float]:
+    """The same protocol with the teacher's embeddings of the student's detections (EVALUATION.md)."""
+    import torch
+
+    from dkd_ray.eval.search import evaluate_search
+    from dkd_ray.inference import teacher_embed_boxes
+    from dkd_ray.models.loading import load_model
+
+    teacher = load_model(teacher_ref, role="teacher")
+    kept = arrays.gallery.above(cfg.eval.score_threshold)
+    rows = [int(r) for r in np.flatnonzero(np.diff(kept.offsets) > 0)]
+    crop = (cfg.teacher.input_height, cfg.teacher.input_width)
+    device = torch.device("cpu")
+    gallery_emb = teacher_embed_boxes(teacher, annotations, rows, [kept.boxes[kept.rows_of(r)] for r in rows],
+                                      crop_size=crop, device=device)
+    queries = annotations.queries
+    query_emb = np.concatenate(teacher_embed_boxes(
+        teacher, annotations, [int(i) for i in queries.image_index], [b[None] for b in queries.box],
+        crop_size=crop, device=device)) if len(queries) else np.zeros((0, teacher.embedding_dim), np.float32)
+    from dkd_ray.eval.arrays import Detections
+
+    gallery = Detections.from_lists(rows, [kept.boxes[kept.rows_of(r)] for r in rows],
+                                    [kept.scores[kept.rows_of(r)] for r in rows], gallery_emb,
+                                    num_images=kept.num_images, dim=teacher.embedding_dim)
+    search = evaluate_search(annotations, gallery, query_emb, score_threshold=cfg.eval.score_threshold)
+    return {f"two_step/{k}": v for k, v in search.metrics.items()}
+
+
+def registered_version_tags(model_uri: str) -> dict[str, str]:
+    """Tags of the registered version ``models:/name/<version>`` or ``models:/name@alias``."""
+    from mlflow import MlflowClient
+
+    from dkd_ray.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    ref = model_uri.removeprefix("models:/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias)
+    else:
+        name, _, number = ref.partition("/")
+        version = client.get_model_version(name, number)
+    return dict(version.tags)

@@ -1,0 +1,1 @@
+"""Per-worker training loops, checkpoint state, Ray Train wiring."""

@@ -1,0 +1,78 @@
+"""Where a loop is in its run, and how it gets back there after a restart.
+
+``Progress`` counts epochs and iterations; ``batches_done`` is how far into the current epoch
+the samplers are, so a resumed worker skips exactly the batches it already trained on.
+``RunState`` holds what a checkpoint captures (model, optimizer, scheduler, AMP scaler,
+progress, RNG states) and writes/restores it for both training loops the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from dkd_ray.config import Config
+from dkd_ray.train.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+from dkd_ray.train.session import Session
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    epoch: int = 0
+    iteration: int = 0  # optimizer steps taken since the start of the run
+    batches_done: int = 0  # batches of `epoch` already trained on
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass
+class RunState:
+    role: str  # teacher | student: recorded so the checkpoint can be loaded as a model
+    num_classes: int
+    cfg: Config
+    session: Session
+    model: nn.Module
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    progress: Progress
+
+    def resume(self) -> None:
+        """Continue from the session's latest checkpoint, if there is one."""
+        restored = self.session.latest_checkpoint()
+        if restored is None:
+            return
+        state = load_checkpoint(restored)
+        state.restore(self.model, self.optimizer, self.scheduler, self.scaler)
+        self.progress = Progress(state.epoch, state.iteration, state.batches_done)
+        if self.session.is_main:
+            log.info("%s: resumed from %s at epoch %d iteration %d", self.role, restored,
+                     self.progress.epoch, self.progress.iteration)
+
+    def checkpoint(self, metrics: dict[str, Any], add_files: Callable[[Path], None] | None = None,
+                   every_rank_writes: bool = False) -> None:
+        """Report ``metrics`` with a checkpoint (a barrier: every rank calls it). Rank 0 writes
+        the training state; ``add_files(directory)`` adds files next to it (on every rank when
+        ``every_rank_writes``, else on rank 0)."""
+        writes = self.session.is_main or every_rank_writes
+        with tempfile.TemporaryDirectory(prefix="dkd-ckpt-") as tmp:
+            directory = Path(tmp)
+            if add_files is not None and writes:
+                add_files(directory)
+            if self.session.is_main:
+                p = self.progress
+                save_checkpoint(TrainingState.capture(
+                    self.model, self.optimizer, self.scheduler, self.scaler, epoch=p.epoch, iteration=p.iteration,
+                    batches_done=p.batches_done, config=self.cfg,
+                    extra={"role": self.role, "num_classes": self.num_classes}), directory)
+            self.session.report({**metrics, **self.progress.to_dict()}, directory if writes else None,
+                                name=f"{self.role}_e{self.progress.epoch:03d}_i{self.progress.iteration:07d}")

@@ -1,0 +1,117 @@
+"""The teacher's training loop: one function of a config, run by every Ray Train worker
+(or in-process by tests). P x K batches of ISA crops, cross-entropy with label smoothing plus
+batch-hard triplet, Adam with warm-up; checkpoints every N iterations and at every epoch end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from dkd_ray.config import Config
+from dkd_ray.data.datasets import PersonCropDataset, labelled_box_rows
+from dkd_ray.data.samplers import PKBatchSampler, SkipBatches
+from dkd_ray.train.common import (Precision, after_step_hooks, loader_generator, mean_across_workers, scaled_lr, seed_everything, unwrap,
+                                  warmup_multistep, wrap_ddp)
+from dkd_ray.train.session import Session, current_session
+from dkd_ray.train.tracking_hooks import epoch_tracker
+from dkd_ray.train.state import Progress, RunState
+from dkd_ray.train.teacher_finish import build_bank_shard, evaluate_teacher_on_ground_truth
+from dkd_ray.train.workdata import load_training_annotations
+
+log = logging.getLogger(__name__)
+
+
+def train_teacher(loop_config: dict[str, Any], session: Session | None = None) -> None:
+    """Train the Re-ID teacher. ``loop_config``: ``{"config": Config.to_dict(), "data_root": str,
+    "checkpoint_root": optional local folder for in-process runs}``."""
+    from dkd_ray.models.reid_losses import TeacherCriterion
+    from dkd_ray.models.teacher import build_teacher
+
+    cfg = Config.from_dict(loop_config["config"])
+    tcfg = cfg.teacher
+    session = session or current_session(cfg.train.use_gpu, loop_config.get("checkpoint_root"),
+                                        loop_config.get("run_dir"))
+    seed_everything(cfg.train.seed + session.rank, cfg.train.deterministic)
+
+    annotations = load_training_annotations(loop_config)
+    rows = labelled_box_rows(annotations, "train")
+    crops = PersonCropDataset(
+        annotations, rows, crop_size=(tcfg.input_height, tcfg.input_width), isa_strength=tcfg.isa_strength,
+        flip_prob=0.5, random_erasing=tcfg.random_erasing, seed=cfg.train.seed)
+    sampler = PKBatchSampler(crops.pids, tcfg.p_identities, tcfg.k_instances, rank=session.rank,
+                             world_size=session.world_size, seed=cfg.train.seed)
+    iters_per_epoch = len(sampler)
+    if iters_per_epoch == 0:
+        raise ValueError(f"teacher: too few identities for P={tcfg.p_identities} on {session.world_size} worker(s)")
+
+    model = build_teacher(tcfg, annotations.num_train_ids)
+    criterion = TeacherCriterion(tcfg.label_smoothing, tcfg.triplet_margin)
+    model = wrap_ddp(model, session.device, session.world_size, broadcast_buffers=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=scaled_lr(tcfg.lr, session.world_size),
+                                 weight_decay=tcfg.weight_decay)
+    scheduler = warmup_multistep(optimizer, warmup_iters=tcfg.warmup_epochs * iters_per_epoch,
+                                 milestones=[m * iters_per_epoch for m in tcfg.lr_steps])
+    precision = Precision(session.device, cfg.train.amp)
+
+    tracker = epoch_tracker(loop_config, session)
+    run = RunState("teacher", annotations.num_train_ids, cfg, session, model, optimizer, scheduler,
+                   precision.scaler, Progress())
+    run.resume()
+    progress = run.progress
+
+    def add_bank_shard(directory: Path) -> None:  # every worker writes its part next to rank 0's state
+        build_bank_shard(unwrap(model), annotations, cfg, session, directory,
+                         metadata={"teacher_run": loop_config.get("run_name", "")})
+
+    max_iters = cfg.train.max_iters or None
+    while progress.epoch < tcfg.epochs and not (max_iters and progress.iteration >= max_iters):
+        crops.set_epoch(progress.epoch)
+        sampler.set_epoch(progress.epoch)
+        loader = DataLoader(crops, batch_sampler=SkipBatches(sampler, progress.batches_done),
+                            num_workers=cfg.data.loader_workers, pin_memory=session.device.type == "cuda",
+                            generator=loader_generator(cfg.train.seed, progress.epoch))
+        model.train()
+        sums: dict[str, float] = {}
+        seen, started = 0, time.perf_counter()
+        for images, pids, box_rows, _ in loader:
+            images, pids = images.to(session.device, non_blocking=True), pids.to(session.device)
+            with precision.autocast():
+                outputs = model(images)
+            losses = criterion({k: v.float() for k, v in outputs.items()}, pids)
+            loss = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            precision.step(loss, optimizer)
+            scheduler.step()
+            progress.iteration += 1
+            progress.batches_done += 1
+            seen += 1
+            after_step_hooks(progress.iteration, session.rank, "-".join(str(int(i)) for i in box_rows[:4]))
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            if session.is_main and progress.iteration % cfg.train.log_every_iters == 0:
+                log.info("teacher epoch %d iter %d/%d loss %.4f lr %.2e", progress.epoch, progress.batches_done,
+                         iters_per_epoch, float(loss.detach()), scheduler.get_last_lr()[0])
+            if max_iters and progress.iteration >= max_iters:
+                break
+            if progress.iteration % cfg.train.checkpoint_every_iters == 0 and progress.batches_done < iters_per_epoch:
+                run.checkpoint({"phase": "teacher"})
+        metrics = mean_across_workers({f"train/{k}": v / max(seen, 1) for k, v in sums.items()},
+                                      session.device, session.world_size)
+        metrics["train/crops_per_s"] = seen * tcfg.p_identities * tcfg.k_instances * session.world_size / (
+            time.perf_counter() - started)
+        if progress.batches_done >= iters_per_epoch:
+            progress.epoch, progress.batches_done = progress.epoch + 1, 0
+        finished = progress.epoch >= tcfg.epochs or bool(max_iters and progress.iteration >= max_iters)
+        if finished:
+            metrics.update(evaluate_teacher_on_ground_truth(unwrap(model).eval(), annotations, cfg, session))
+        run.checkpoint({"phase": "teacher", **metrics}, add_bank_shard if finished else None,
+                       every_rank_writes=finished)
+        tracker.log_metrics(metrics, step=progress.epoch)
+        if session.is_main:
+            log.info("teacher epoch %d done: %s", progress.epoch, {k: round(v, 4) for k, v in metrics.items()})

@@ -1,0 +1,226 @@
+"""Evaluate person search (CUHK-SYSU, PRW) from saved detections and embeddings.
+
+Reads the dataset's annotations, the gallery detections (boxes, scores, one embedding each, as
+written by ``dkd_ray.eval.Detections.save``) and the queries' embeddings (one per query, in the
+dataset's query order), then runs detection and search evaluation exactly as the published
+protocols do. Prints a metrics table and writes to --output-dir:
+  metrics.json      flat metrics, e.g. cuhk_sysu/g100/mAP, prw/all/top1, det/ap
+  results.jsonl     per query and protocol: its top-10 (image, box, score, correct)
+  cmc.png, gallery_size.png (CUHK-SYSU), queries/query_*.png (when image files exist)
+
+Two-step evaluation (a separate Re-ID model's embeddings of the detector's boxes) is the same
+command with those embeddings saved in the detections and queries files.
+
+Example:
+  python jobs/evaluate.py --dataset cuhk_sysu --data-root data/CUHK-SYSU \\
+      --detections runs/x/gallery.npz --queries runs/x/queries.npz --cbgm --output-dir runs/x/eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+try:
+    import dkd_ray  # noqa: F401
+except ImportError:  # run from a checkout without installing: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dkd_ray.eval.pipeline import EvaluationReport, evaluate_arrays  # noqa: E402
+
+log = logging.getLogger("evaluate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    data = parser.add_argument_group("dataset")
+    data.add_argument("--dataset", required=True, choices=["cuhk_sysu", "prw", "synthetic"],
+                      help="benchmark layout (synthetic: the CUHK-SYSU layout of jobs/make_synthetic.py)")
+    data.add_argument("--data-root", required=True, type=Path,
+                      help="the dataset folder as unpacked (CUHK-SYSU/ or PRW/)")
+
+    arrays = parser.add_argument_group("saved arrays (what to evaluate)")
+    arrays.add_argument("--detections", type=Path,
+                        help="gallery detections with embeddings, .npz or .parquet")
+    arrays.add_argument("--queries", type=Path,
+                        help="query embeddings [Q, d] in the dataset's query order, .npz or .parquet")
+    arrays.add_argument("--query-context", type=Path,
+                        help="CBGM context per query (query box first), .npz/.parquet indexed by "
+                             "query row; default: built from --detections on the query images")
+
+    model = parser.add_argument_group("a model (instead of saved arrays)")
+    model.add_argument("--model", help="student to evaluate: models:/dkd-student-<dataset>/<version> or @alias, "
+                                       "a run id, or a checkpoint folder; its arrays are saved to --output-dir")
+    model.add_argument("--teacher", help="also report the two-step reference: this teacher on the student's detections")
+    model.add_argument("--device", default="cuda" if _cuda() else "cpu", help="inference device (default: %(default)s)")
+    model.add_argument("--short-side", type=int, help="scene resize (default: the model's training config)")
+    model.add_argument("--max-side", type=int, help="scene resize long-side cap (default: the model's config)")
+    model.add_argument("--experiment", default="", help="log metrics and files to this MLflow experiment "
+                                                       "(default with --model: dkd-ray/<dataset>; '-' disables)")
+
+    protocol = parser.add_argument_group("protocol")
+    protocol.add_argument("--score-threshold", type=float, default=0.5,
+                          help="drop gallery detections scoring below this before search (default 0.5)")
+    protocol.add_argument("--det-score-threshold", type=float, default=0.5,
+                          help="detection evaluation's score threshold (default 0.5; SeqNet/COAT use 0.01)")
+    protocol.add_argument("--gallery-sizes", nargs="+", metavar="SIZE",
+                          help="CUHK-SYSU: TestG sizes and/or 'full' (default: all present + full)")
+    protocol.add_argument("--cbgm", action="store_true",
+                          help="also report search re-ranked by context bipartite graph matching")
+    protocol.add_argument("--cbgm-k1", type=int, help="CBGM top-k1 gallery detections (default 10 CUHK-SYSU, 30 PRW)")
+    protocol.add_argument("--cbgm-k2", type=int, help="CBGM query context size (default 3 CUHK-SYSU, 4 PRW)")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--output-dir", type=Path, default=Path("runs/evaluate"),
+                        help="where metrics.json, results.jsonl and plots go (default runs/evaluate)")
+    output.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    output.add_argument("--example-queries", type=int, default=4, help="query pictures to draw (default 4)")
+    return parser
+
+
+def _gallery_sizes(values: list[str] | None) -> list[int | str] | None:
+    if values is None:
+        return None
+    out: list[int | str] = []
+    for value in values:
+        if value == "full":
+            out.append("full")
+        elif value.isdigit():
+            out.append(int(value))
+        else:
+            raise ValueError(f"--gallery-sizes: {value!r} is neither a number nor 'full'")
+    return out
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def _layout(dataset: str) -> str:
+    return "cuhk_sysu" if dataset == "synthetic" else dataset
+
+
+def save_model_arrays(args: argparse.Namespace) -> None:
+    """Run ``--model`` over the test split and save the arrays the protocols take."""
+    import numpy as np
+    import torch
+
+    from dkd_ray.data import load_annotations
+    from dkd_ray.eval.arrays import Detections, save_query_embeddings
+    from dkd_ray.inference import student_gallery, student_queries
+    from dkd_ray.models.loading import load_model
+
+    annotations = load_annotations(_layout(args.dataset), args.data_root)
+    student = load_model(args.model, role="student", map_location=args.device).to(args.device)
+    trained = student.spec.get("config", {}).get("data", {})
+    sizes = dict(short_side=args.short_side or trained.get("short_side", 900),
+                 max_side=args.max_side or trained.get("max_side", 1500), device=torch.device(args.device))
+    rows = annotations.images.indices("test")
+    log.info("running %s on %d test images and %d queries (%s)", args.model, len(rows), len(annotations.queries), args.device)
+    every = max(1, len(rows) // 10)
+    gallery = Detections.from_lists(*student_gallery(
+        student, annotations, rows, progress=lambda n: n % every == 0 and log.info("%d / %d images", n, len(rows)),
+        **sizes), num_images=len(annotations.images), dim=student.embedding_dim)
+    _, query_embeddings = student_queries(student, annotations, np.arange(len(annotations.queries)), **sizes)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    args.detections, args.queries = args.output_dir / "gallery.npz", args.output_dir / "queries.npz"
+    gallery.save(args.detections, image_names=annotations.images.name)
+    save_query_embeddings(args.queries, query_embeddings,
+                          query_image_names=annotations.images.name[annotations.queries.image_index])
+
+
+def log_to_mlflow(args: argparse.Namespace, report: EvaluationReport) -> None:
+    from dkd_ray.tracking import Tracker
+
+    if args.experiment == "-":
+        return
+    tracker = Tracker(args.dataset, "evaluate", experiment=args.experiment or None,
+                      tags={"model": args.model or "", "teacher": args.teacher or ""})
+    tracker.start()
+    tracker.log_params({"model": args.model, "teacher": args.teacher, "cbgm": args.cbgm,
+                        "score_threshold": args.score_threshold})
+    tracker.log_metrics(report.metrics)
+    tracker.log_artifacts(args.output_dir, "evaluation")
+    tracker.end()
+    if tracker.run_id:
+        print(f"MLflow run {tracker.run_id} in experiment {tracker.experiment}")
+
+
+def evaluate_saved_arrays(args: argparse.Namespace) -> EvaluationReport:
+    from dkd_ray.data import load_annotations
+    from dkd_ray.eval.arrays import Detections, load_query_embeddings
+    from dkd_ray.eval.cbgm import CBGMConfig
+
+    log.info("loading %s annotations from %s", args.dataset, args.data_root)
+    annotations = load_annotations(_layout(args.dataset), args.data_root)
+    names = annotations.images.name
+    gallery = Detections.load(args.detections, image_names=names)
+    query_embeddings = load_query_embeddings(
+        args.queries, expected_image_names=names[annotations.queries.image_index]
+    )
+    query_context = None
+    if args.query_context is not None:
+        query_context = Detections.load(args.query_context)
+    cbgm: CBGMConfig | bool = bool(args.cbgm)
+    if args.cbgm and (args.cbgm_k1 or args.cbgm_k2):
+        default = CBGMConfig.for_dataset(args.dataset)
+        cbgm = CBGMConfig(args.cbgm_k1 or default.k1, args.cbgm_k2 or default.k2)
+    log.info("%d gallery detections on %d images, %d queries", len(gallery), len(names), len(query_embeddings))
+    report = evaluate_arrays(
+        annotations, gallery, query_embeddings,
+        score_threshold=args.score_threshold,
+        det_score_threshold=args.det_score_threshold,
+        gallery_sizes=_gallery_sizes(args.gallery_sizes),
+        cbgm=cbgm,
+        query_context=query_context,
+        output_dir=args.output_dir,
+        plots=not args.no_plots,
+        example_queries=args.example_queries,
+    )
+    if args.teacher:
+        from dkd_ray.config import Config
+        from dkd_ray.models.loading import load_model
+        from dkd_ray.stages import two_step_reference
+        from dkd_ray.train.evaluation import EvaluationArrays
+
+        teacher_cfg = Config.from_dict(load_model(args.teacher, role="teacher").spec["config"])
+        teacher_cfg.eval.score_threshold = args.score_threshold
+        report.metrics.update(two_step_reference(teacher_cfg, annotations, EvaluationArrays(gallery, query_embeddings),
+                                                 args.teacher))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.model is None and (args.detections is None or args.queries is None):
+        parser.error("give --model, or --detections and --queries (the saved arrays to evaluate)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from dkd_ray.eval.results import format_metrics_table
+
+    try:
+        if args.model:
+            save_model_arrays(args)
+        report = evaluate_saved_arrays(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"evaluate.py: error: {err}", file=sys.stderr)
+        return 2
+    print(format_metrics_table(report.metrics))
+    for path in report.files:
+        print(f"wrote {path}")
+    if args.model or args.experiment not in ("", "-"):
+        log_to_mlflow(args, report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

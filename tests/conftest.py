@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny synthetic datasets in the real layout, generated once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import TINY_OVERRIDES
+
+# Tests must never wait on a remote MLflow or pick up a user's server.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_cuhk(tmp_path_factory) -> Path:
+    """A tiny synthetic CUHK-SYSU folder (pixels and MATLAB files, edge cases planted)."""
+    from dkd_ray.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("tiny") / "CUHK-SYSU"
+    generate(root, "cuhk_sysu", "tiny", seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tiny_cuhk, tmp_path_factory) -> Path:
+    """A teacher trained in-process for 2 iterations on ``tiny_cuhk``: its final checkpoint
+    folder, which holds ``state.pt`` and the knowledge bank (``bank/``)."""
+    from dkd_ray.config import preset
+    from dkd_ray.train.session import LocalSession
+    from dkd_ray.train.teacher_loop import train_teacher
+
+    cfg = preset("cpu-small", TINY_OVERRIDES + ["train.max_iters=2"])
+    session = LocalSession(checkpoint_root=tmp_path_factory.mktemp("teacher"))
+    train_teacher({"config": cfg.to_dict(), "data_root": str(tiny_cuhk)}, session)
+    return session.latest_checkpoint()
+

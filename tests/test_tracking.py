@@ -1,0 +1,314 @@
+"""dkd_ray.tracking against a real MLflow server (tests.harness) and a local SQLite store."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from torch import nn
+
+from dkd_ray import tracking
+from dkd_ray.config import preset
+from dkd_ray.tracking import ModelNotFoundError, Tracker, load_model
+from dkd_ray.train.checkpoint import TrainingState, save_checkpoint
+from tests.harness import TcpProxy, closed_port_uri, mlflow_server
+
+pytestmark = pytest.mark.slow
+
+
+class TinyNet(nn.Module):
+    def __init__(self, hidden: int = 8):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, hidden), nn.BatchNorm1d(hidden), nn.ReLU())
+        self.head = nn.Linear(hidden, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class BranchyNet(TinyNet):
+    """Data-dependent control flow: torch.export cannot trace it, so it is logged as a pickle."""
+
+    def forward(self, x):
+        y = self.head(self.body(x))
+        return y * 2 if bool(y.sum() > 0) else y
+
+
+def build_tiny(config: dict) -> nn.Module:
+    return TinyNet(hidden=config["hidden"])
+
+
+@pytest.fixture(scope="module")
+def _mlflow(tmp_path_factory):
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as running:
+        yield running
+
+
+@pytest.fixture
+def server(_mlflow):
+    """The module's server, started again if a test stopped it."""
+    if _mlflow.process.poll() is not None:
+        _mlflow.start()
+    return _mlflow
+
+
+@pytest.fixture(scope="module")
+def example():
+    return np.random.default_rng(0).random((6, 4), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def logged(_mlflow, example):
+    """One run with config, metrics, an artifact and a registered model (shared by the tests)."""
+    torch.manual_seed(0)
+    model = TinyNet(hidden=8)
+    model.train()
+    model(torch.randn(16, 4))  # move BatchNorm's running stats away from their defaults
+    cfg = preset("cpu-small", ["student.lr=0.01"])
+    name = "dkd-teacher-synthetic"
+    server = _mlflow
+    with Tracker("synthetic", "teacher", uri=server.uri, pipeline_id="pipe-1") as tracker:
+        tracker.log_config(cfg)
+        tracker.log_params({"api_token": "s3cret", "store": "https://bob:hunter2@example.invalid/x"})
+        for step, loss in enumerate([0.9, 0.5, 0.25]):
+            tracker.log_metrics({"loss": loss, "lr": torch.tensor(0.01)}, step=step)
+        notes = server.root / "notes.txt"
+        notes.write_text("hello")
+        tracker.log_artifact(notes, "reports")
+        info = tracker.log_model(model, "teacher", example, config={"hidden": 8},
+                                 registered_name=name,
+                                 version_tags=tracking.version_tags(cfg, {"mAP": 0.5, "top-1": 0.75}),
+                                 alias="champion")
+    model.eval()
+    with torch.no_grad():
+        expected = model(torch.from_numpy(example))
+    return {"run_id": tracker.run_id, "info": info, "name": name, "model": model,
+            "expected": expected, "client": MlflowClient(server.uri, server.uri)}
+
+
+def test_tracking_uri_default_and_env(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri() == "http://127.0.0.1:5000"
+
+
+def test_secrets_are_redacted():
+    assert tracking.redact_uri("https://alice:pw@mlflow.example.invalid:5000/p?token=abc&x=1") == \
+        "https://***@mlflow.example.invalid:5000/p?token=***&x=1"
+    assert tracking.redact_params({"db_password": "pw", "AWS_SECRET_ACCESS_KEY": "k", "lr": 0.1,
+                                   "uri": "s3://key:secret@bucket/path"}) == \
+        {"db_password": "***", "AWS_SECRET_ACCESS_KEY": "***", "lr": 0.1, "uri": "s3://***@bucket/path"}
+
+
+def test_run_records_params_metrics_artifacts_and_model(logged):
+    client, run_id = logged["client"], logged["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["student.lr"] == "0.01"
+    assert run.data.params["teacher.lr_steps"] == "20"  # tuples as the CLI writes them
+    assert run.data.params["api_token"] == "***"
+    assert run.data.params["store"] == "https://***@example.invalid/x"
+    assert run.data.tags["dataset"] == "synthetic" and run.data.tags["pipeline_id"] == "pipe-1"
+    assert run.data.tags["preset"] == "cpu-small"
+    assert client.get_experiment(run.info.experiment_id).name == "dkd-ray/synthetic"
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
+    assert history == [(0, 0.9), (1, 0.5), (2, 0.25)]
+    assert [m.value for m in client.get_metric_history(run_id, "lr")] == pytest.approx([0.01] * 3)
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"config.json", "reports"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run_id, "reports")] == ["reports/notes.txt"]
+    config = mlflow.artifacts.load_dict(f"runs:/{run_id}/config.json")
+    assert config["student"]["lr"] == 0.01 and config["preset"] == "cpu-small"
+
+
+def test_registered_version_has_tags_and_alias(logged):
+    client, name = logged["client"], logged["name"]
+    version = client.get_model_version_by_alias(name, "champion")
+    assert version.version == logged["info"].registered_model_version == "1"
+    assert version.tags == {"dataset": "synthetic", "preset": "cpu-small", "mAP": "0.5000",
+                            "top-1": "0.7500"}
+    assert version.run_id == logged["run_id"]
+    latest = tracking.latest_registered(name, uri=client.tracking_uri)
+    assert latest is not None and latest.version == "1"
+    assert tracking.latest_registered("dkd-student-nothing", uri=client.tracking_uri) is None
+
+
+def test_load_model_from_alias_run_id_and_paths(logged, server, example, tmp_path):
+    x, expected, uri = torch.from_numpy(example), logged["expected"], server.uri
+    local_dir = mlflow.artifacts.download_artifacts(logged["info"].model_uri, dst_path=str(tmp_path))
+    save_checkpoint(TrainingState.capture(logged["model"], epoch=3, iteration=30,
+                                          config={"hidden": 8}), tmp_path / "ckpt")
+    safe_refs = [f"models:/{logged['name']}@champion", f"models:/{logged['name']}/1",
+                 logged["run_id"], local_dir, tmp_path / "ckpt", tmp_path / "ckpt" / "state.pt"]
+    for ref in safe_refs:  # weights-only: rebuilt from config.json + state dict
+        model = load_model(ref, builder=build_tiny, uri=uri)
+        assert isinstance(model, TinyNet) and not model.training, ref
+        with torch.no_grad():
+            assert torch.equal(model(x), expected), ref
+    for ref in (f"models:/{logged['name']}@champion", logged["run_id"], local_dir):
+        exported = load_model(ref, uri=uri)  # the torch.export graph, no builder needed
+        with torch.no_grad():
+            assert torch.allclose(exported(x), expected, atol=1e-6), ref
+
+
+def test_load_model_errors_name_the_ref(logged, server, tmp_path):
+    with pytest.raises(ModelNotFoundError, match="missing-alias"):
+        load_model(f"models:/{logged['name']}@missing-alias", uri=server.uri)
+    with pytest.raises(ModelNotFoundError, match="no-such-file"):
+        load_model(str(tmp_path / "no-such-file"), uri=server.uri)
+    with pytest.raises(ModelNotFoundError, match="0" * 32):
+        load_model("0" * 32, uri=server.uri)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFoundError, match="holds no model"):
+        load_model(tmp_path / "empty")
+    save_checkpoint(TrainingState.capture(logged["model"], epoch=0, iteration=0), tmp_path / "c")
+    with pytest.raises(ValueError, match="builder"):
+        load_model(tmp_path / "c")
+
+
+def test_untraceable_model_falls_back_to_pickle_and_loads_weights_only(server, example):
+    torch.manual_seed(1)
+    model = BranchyNet(hidden=5).eval()
+    with Tracker("synthetic", "student", uri=server.uri) as tracker:
+        info = tracker.log_model(model, "student", example, config={"hidden": 5})
+    assert info is not None
+    with pytest.raises(ValueError, match="trust_pickle"):
+        load_model(info.model_uri, uri=server.uri)  # unpickling runs code: refused by default
+    trusted = load_model(info.model_uri, uri=server.uri, trust_pickle=True)
+    assert isinstance(trusted, BranchyNet)
+
+    def build_branchy(config):
+        return BranchyNet(hidden=config["hidden"])
+
+    loaded = load_model(tracker.run_id, builder=build_branchy, uri=server.uri)
+    x = torch.from_numpy(example)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_disabled_tracker_does_nothing(server, example):
+    client = MlflowClient(server.uri)
+    before = len(client.search_runs(experiment_ids=[e.experiment_id for e in client.search_experiments()]))
+    tracker = Tracker("synthetic", "teacher", uri=server.uri, enabled=False)
+    with tracker:
+        tracker.log_metrics({"loss": 1.0}, step=0)
+        assert tracker.log_model(TinyNet(), "teacher", example) is None
+    assert tracker.run_id is None
+    after = len(client.search_runs(experiment_ids=[e.experiment_id for e in client.search_experiments()]))
+    assert after == before
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "dkd_ray.tracking" and r.levelno == logging.WARNING and "unreachable" in r.getMessage()]
+
+
+def test_unreachable_server_warns_once_and_backs_off(caplog, example):
+    uri = closed_port_uri()
+    caplog.set_level(logging.WARNING, logger="dkd_ray.tracking")
+    tracker = Tracker("synthetic", "teacher", uri=uri, checkpoint_dir="/ckpt/here", retry_after_s=3600)
+    assert tracker.start() is None
+    tracker.log_config(preset("cpu-small"))
+    for step in range(50):
+        tracker.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+    assert tracker.log_model(TinyNet(), "teacher", example) is None
+    tracker.end()
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1
+    assert uri in warnings[0] and "training continues" in warnings[0] and "/ckpt/here" in warnings[0]
+    assert len(tracker._pending_metrics) == 50  # kept for when the server comes back
+
+
+def test_back_off_makes_no_network_attempts(caplog):
+    """A listener that drops every connection: counts how often the tracker tries."""
+    attempts = []
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def drop_connections():
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                continue
+            attempts.append(1)
+            connection.close()
+
+    thread = threading.Thread(target=drop_connections, daemon=True)
+    thread.start()
+    try:
+        tracker = Tracker("synthetic", "teacher", uri=f"http://127.0.0.1:{listener.getsockname()[1]}",
+                          retry_after_s=3600)
+        tracker.log_metrics({"loss": 1.0}, step=0)
+        first = len(attempts)
+        for step in range(1, 30):
+            tracker.log_metrics({"loss": 1.0}, step=step)
+            tracker.log_params({"x": step})
+        assert 1 <= first <= 2  # one request + MLflow's single retry
+        assert len(attempts) == first  # in back-off: no further connection at all
+        assert len(_warnings(caplog)) == 1
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+
+
+def test_connection_lost_mid_run_then_back(server, caplog):
+    caplog.set_level(logging.WARNING, logger="dkd_ray.tracking")
+    proxy = TcpProxy(server.port)
+    try:
+        tracker = Tracker("synthetic", "teacher", uri=proxy.uri, retry_after_s=0.0)
+        run_id = tracker.start()
+        tracker.log_metrics({"loss": 1.0}, step=0)
+        proxy.cut()
+        for step in (1, 2, 3):  # must not raise
+            tracker.log_metrics({"loss": 1.0 + step}, step=step)
+        tracker.log_params({"after_outage": "yes"})
+        assert len(_warnings(caplog)) == 1
+        proxy.restore()
+        tracker.log_metrics({"loss": 5.0}, step=4)  # the first call that gets through flushes
+        tracker.end()
+    finally:
+        proxy.close()
+    client = MlflowClient(server.uri)
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
+    assert history == [(0, 1.0), (1, 2.0), (2, 3.0), (3, 4.0), (4, 5.0)]
+    run = client.get_run(run_id)
+    assert run.data.params["after_outage"] == "yes" and run.info.status == "FINISHED"
+
+
+def test_server_process_stopped_mid_run(server, caplog, example):
+    caplog.set_level(logging.WARNING, logger="dkd_ray.tracking")
+    tracker = Tracker("synthetic", "teacher", uri=server.uri, checkpoint_dir="/ckpt")
+    run_id = tracker.start()
+    tracker.log_metrics({"loss": 1.0}, step=0)
+    server.stop()  # the `server` fixture starts it again for any later test
+    for step in (1, 2):
+        tracker.log_metrics({"loss": 1.0}, step=step)
+    assert tracker.log_model(TinyNet(), "teacher", example) is None
+    tracker.end()
+    assert run_id is not None and len(_warnings(caplog)) == 1
+
+
+def test_local_sqlite_store_by_default(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with Tracker("synthetic", "evaluate") as tracker:
+        tracker.log_metrics({"mAP": 0.42}, step=0)
+        tracker.log_dict({"mAP": 0.42}, "results/summary.json")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run = MlflowClient(uri).get_run(tracker.run_id)
+    assert run.data.metrics == {"mAP": 0.42}
+    stored = list((tmp_path / "mlartifacts").rglob("summary.json"))
+    assert len(stored) == 1 and stored[0].parent.name == "results"
