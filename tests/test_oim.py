@@ -3,6 +3,7 @@ memories across data-parallel workers (2 processes, gloo, CPU)."""
 
 from __future__ import annotations
 
+import datetime
 import math
 import socket
 
@@ -129,7 +130,8 @@ def _new_oim() -> OIMLoss:
 
 
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # bounded: a lost peer fails the test
     try:
         oim = _new_oim()
         for x, pids in _worker_batches(rank):

@@ -10,7 +10,11 @@ import torch
 
 from dkd_ray.config import preset
 from dkd_ray.models.backbone import BackboneWeightsError, build_resnet
-from dkd_ray.models.reid_losses import BatchHardTripletLoss, LabelSmoothingCrossEntropy, TeacherCriterion
+from dkd_ray.models.reid_losses import (
+    BatchHardTripletLoss,
+    LabelSmoothingCrossEntropy,
+    TeacherCriterion,
+)
 from dkd_ray.models.teacher import build_teacher, teacher_embedding_dim
 
 CROP = (64, 32)

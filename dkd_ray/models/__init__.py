@@ -7,7 +7,11 @@
 
 from dkd_ray.models.backbone import BackboneWeightsError, build_resnet
 from dkd_ray.models.oim import OIMLoss
-from dkd_ray.models.reid_losses import BatchHardTripletLoss, LabelSmoothingCrossEntropy, TeacherCriterion
+from dkd_ray.models.reid_losses import (
+    BatchHardTripletLoss,
+    LabelSmoothingCrossEntropy,
+    TeacherCriterion,
+)
 from dkd_ray.models.student import PersonSearchNet, build_student, labelled_ground_truth
 from dkd_ray.models.teacher import ReIDTeacher, build_teacher, teacher_embedding_dim
 

@@ -30,13 +30,22 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
-from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+from torchvision.models.detection.transform import (
+    GeneralizedRCNNTransform,
+    resize_boxes,
+)
 from torchvision.ops import MultiScaleRoIAlign
 
 from dkd_ray.config import Config
 from dkd_ray.distill.jitter import jitter_boxes
-from dkd_ray.models.backbone import (ResNetC4, ResNetRes5Head, build_resnet, detection_norm_layer, freeze_stem,
-                                     is_pretrained)
+from dkd_ray.models.backbone import (
+    ResNetC4,
+    ResNetRes5Head,
+    build_resnet,
+    detection_norm_layer,
+    freeze_stem,
+    is_pretrained,
+)
 from dkd_ray.models.oim import OIMLoss
 from dkd_ray.models.reid_head import EmbeddingHead
 from dkd_ray.models.teacher import IMAGENET_MEAN, IMAGENET_STD
