@@ -70,7 +70,7 @@ def logged(_mlflow, example):
     model = TinyNet(hidden=8)
     model.train()
     model(torch.randn(16, 4))  # move BatchNorm's running stats away from their defaults
-    cfg = preset("cpu-small", ["student.lr=0.01"])
+    cfg = preset("cpu-small", ["student.lr=0.01", "teacher.lr_steps=20,35"])
     name = "dkd-teacher-synthetic"
     server = _mlflow
     with Tracker("synthetic", "teacher", uri=server.uri, pipeline_id="pipe-1") as tracker:
@@ -113,7 +113,7 @@ def test_run_records_params_metrics_artifacts_and_model(logged):
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["student.lr"] == "0.01"
-    assert run.data.params["teacher.lr_steps"] == "20"  # tuples as the CLI writes them
+    assert run.data.params["teacher.lr_steps"] == "20,35"  # tuples as the CLI writes them
     assert run.data.params["api_token"] == "***"
     assert run.data.params["store"] == "https://***@example.invalid/x"
     assert run.data.tags["dataset"] == "synthetic" and run.data.tags["pipeline_id"] == "pipe-1"
