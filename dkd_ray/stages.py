@@ -163,6 +163,10 @@ def train_student_stage(cfg: Config, data_root: Path, *, teacher_ref: str, bank_
     tracker.set_tags({"checkpoint": str(checkpoint)})
 
     annotations = load_annotations(_layout(cfg), data_root)
+    if cfg.data.validation_fraction > 0:  # the run was evaluated on its validation view
+        from dkd_ray.data.splits import validation_split
+
+        annotations = validation_split(annotations, cfg.data.validation_fraction, cfg.train.seed)[1]
     arrays = EvaluationArrays.load(checkpoint / "evaluation")
     output_dir.mkdir(parents=True, exist_ok=True)
     report = evaluate_arrays(annotations, arrays.gallery, arrays.query_embeddings,

@@ -64,3 +64,13 @@ def test_interrupted_and_resumed_student_ends_with_identical_weights(tiny_cuhk, 
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_student_with_a_validation_split_reports_validation_metrics_only(tiny_cuhk, tiny_teacher, tmp_path):
+    cfg = preset("cpu-small", TINY_OVERRIDES + ["train.max_iters=1", "data.validation_fraction=0.3"])
+    metrics = train_student({"config": cfg.to_dict(), "data_root": str(tiny_cuhk),
+                             "bank_path": str(tiny_teacher / "bank")}, LocalSession(checkpoint_root=tmp_path))
+    assert "val/mAP" in metrics and "val/top1" in metrics and 0.0 <= metrics["val/mAP"] <= 1.0
+    counts = [v for k, v in metrics.items() if k.startswith("val/cuhk_sysu/g") and k.endswith("/num_queries")]
+    assert counts and all(c > 0 for c in counts)  # held-out identities were searched for
+    assert not any(k.startswith("cuhk_sysu/") for k in metrics)  # the test protocol was not run

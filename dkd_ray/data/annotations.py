@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "test")  # the benchmarks' own splits (what the readers and the cache hold)
+VALIDATION = "val"  # training images held out for model selection (dkd_ray.data.splits)
 DATASETS = ("cuhk_sysu", "prw")
 
 
@@ -51,8 +52,8 @@ class ImageTable:
         return np.repeat(np.arange(len(self.name)), np.diff(self.box_offsets))
 
     def indices(self, split: str) -> np.ndarray:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        if split not in (*SPLITS, VALIDATION):
+            raise ValueError(f"unknown split {split!r}; expected one of {(*SPLITS, VALIDATION)}")
         return np.flatnonzero(self.split == split)
 
 

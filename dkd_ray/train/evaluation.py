@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,18 +30,14 @@ class EvaluationArrays:
     gallery: Detections
     query_embeddings: np.ndarray
 
-    def save(self, directory) -> None:
-        from pathlib import Path
-
+    def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.gallery.save(directory / "gallery.npz")
         np.save(directory / "query_embeddings.npy", self.query_embeddings)
 
     @classmethod
-    def load(cls, directory) -> EvaluationArrays:
-        from pathlib import Path
-
+    def load(cls, directory: str | Path) -> EvaluationArrays:
         directory = Path(directory)
         return cls(Detections.load(directory / "gallery.npz"), np.load(directory / "query_embeddings.npy"))
 
@@ -78,9 +75,11 @@ def student_arrays(student: torch.nn.Module, annotations: Annotations, cfg: Conf
     return EvaluationArrays(gallery, query_embeddings)
 
 
-def evaluate_student(model: torch.nn.Module, annotations: Annotations, cfg: Config,
-                     session: Session) -> tuple[dict[str, float], EvaluationArrays | None]:
-    """The full protocol of the dataset for the (possibly DDP-wrapped) distilled student."""
+def evaluate_student(model: torch.nn.Module, annotations: Annotations, cfg: Config, session: Session,
+                     prefix: str = "") -> tuple[dict[str, float], EvaluationArrays | None]:
+    """The full protocol of the dataset for the (possibly DDP-wrapped) distilled student.
+    With ``prefix`` (``"val/"`` on a validation view) the headline protocol's mAP and top-1 are
+    also reported as ``<prefix>mAP`` / ``<prefix>top1``, the names sweeps rank trials by."""
     from dkd_ray.eval.pipeline import evaluate_arrays
 
     wrapped = unwrap(model)
@@ -92,4 +91,11 @@ def evaluate_student(model: torch.nn.Module, annotations: Annotations, cfg: Conf
         return {}, None
     report = evaluate_arrays(annotations, arrays.gallery, arrays.query_embeddings,
                              score_threshold=cfg.eval.score_threshold, cbgm=cfg.eval.cbgm, plots=False)
-    return dict(report.metrics), arrays
+    metrics = {f"{prefix}{k}": v for k, v in report.metrics.items()}
+    if prefix:
+        from dkd_ray.stages import headline_prefix
+
+        head = headline_prefix(report.metrics, annotations.dataset)
+        metrics[f"{prefix}mAP"] = report.metrics.get(f"{head}/mAP", 0.0)
+        metrics[f"{prefix}top1"] = report.metrics.get(f"{head}/top1", 0.0)
+    return metrics, arrays

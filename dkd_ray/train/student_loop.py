@@ -21,9 +21,10 @@ from torch.utils.data import BatchSampler, DataLoader
 from dkd_ray.config import Config
 from dkd_ray.data.datasets import SceneDataset, collate_scenes
 from dkd_ray.data.samplers import SkipBatches, scene_sampler
+from dkd_ray.data.splits import validation_split
 from dkd_ray.models.student import labelled_ground_truth
-from dkd_ray.train.common import (Precision, after_step_hooks, loader_generator, mean_across_workers, scaled_lr, seed_everything, targets_to,
-                                  warmup_multistep, wrap_ddp)
+from dkd_ray.train.common import (Precision, after_step_hooks, loader_generator, mean_across_workers,
+                                  scaled_lr, seed_everything, targets_to, warmup_multistep, wrap_ddp)
 from dkd_ray.train.session import Session, current_session
 from dkd_ray.train.tracking_hooks import epoch_tracker
 from dkd_ray.train.state import Progress, RunState
@@ -74,6 +75,10 @@ def train_student(loop_config: dict[str, Any], session: Session | None = None) -
                                         loop_config.get("run_dir"))
     seed_everything(cfg.train.seed + session.rank, cfg.train.deterministic)
     annotations = load_training_annotations(loop_config)
+    evaluated_on, prefix = annotations, ""
+    if cfg.data.validation_fraction > 0:  # model selection (Tune): never look at the test set
+        annotations, evaluated_on = validation_split(annotations, cfg.data.validation_fraction, cfg.train.seed)
+        prefix = "val/"
 
     scenes = SceneDataset(annotations, split="train", short_side=cfg.data.short_side, max_side=cfg.data.max_side,
                           flip_prob=cfg.data.flip_prob, seed=cfg.train.seed)
@@ -149,7 +154,7 @@ def train_student(loop_config: dict[str, Any], session: Session | None = None) -
         every = cfg.train.eval_every_epochs
         arrays = None
         if finished or (every and progress.epoch % every == 0 and progress.batches_done == 0):
-            evaluation, arrays = evaluate_student(model, annotations, cfg, session)
+            evaluation, arrays = evaluate_student(model, evaluated_on, cfg, session, prefix=prefix)
             metrics.update(evaluation)
             final = evaluation
         # The final evaluation's inputs travel with the checkpoint (the job writes results from them).

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 from dkd_ray.config import Config
 from dkd_ray.data.datasets import PersonCropDataset, labelled_box_rows
 from dkd_ray.data.samplers import PKBatchSampler, SkipBatches
-from dkd_ray.train.common import (Precision, after_step_hooks, loader_generator, mean_across_workers, scaled_lr, seed_everything, unwrap,
-                                  warmup_multistep, wrap_ddp)
+from dkd_ray.train.common import (Precision, after_step_hooks, loader_generator, mean_across_workers,
+                                  scaled_lr, seed_everything, unwrap, warmup_multistep, wrap_ddp)
 from dkd_ray.train.session import Session, current_session
 from dkd_ray.train.tracking_hooks import epoch_tracker
 from dkd_ray.train.state import Progress, RunState

@@ -1,0 +1,65 @@
+"""Search-space files: the shipped ones load; each malformed one is refused naming its key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dkd_ray.search_space import SearchSpaceError, load_search_space, parse_search_space
+
+SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
+VALID = {"preset": "cpu-small", "space": {"distill.prob_weight": {"loguniform": [0.1, 10]},
+                                          "distill.tri_weight": {"grid": [0.5, 1.0]}}}
+
+
+@pytest.mark.parametrize("name", ["cpu_smoke.yaml", "cuhk_sysu.yaml", "prw.yaml"])
+def test_shipped_spaces_load_and_become_tune_distributions(name):
+    from ray import tune
+
+    space = load_search_space(SPACES / name)
+    param_space = space.to_tune()
+    assert set(param_space) == set(space.space) and space.metric == "val/mAP" and space.mode == "max"
+    for key, (kind, _) in space.space.items():
+        if kind == "grid":
+            assert param_space[key] == {"grid_search": space.space[key][1]}
+        else:
+            assert isinstance(param_space[key], tune.search.sample.Domain)
+
+
+def test_valid_dict_keeps_defaults_and_values():
+    space = parse_search_space({**VALID, "num_samples": 3, "fixed": {"student.epochs": 2}})
+    assert space.num_samples == 3 and space.fixed == {"student.epochs": 2}
+    assert space.space["distill.prob_weight"] == ("loguniform", [0.1, 10])
+    assert space.scheduler["type"] == "asha"
+
+
+@pytest.mark.parametrize("change,key", [
+    ({"bogus": 1}, "bogus"),
+    ({"mode": "maximum"}, "mode"),
+    ({"preset": "huge"}, "preset"),
+    ({"num_samples": 0}, "num_samples"),
+    ({"scheduler": {"type": "asha", "grace": 1}}, "scheduler.grace"),
+    ({"scheduler": {"reduction_factor": 1}}, "scheduler.reduction_factor"),
+    ({"space": {}}, "space"),
+    ({"space": {"distill.nope": {"uniform": [0, 1]}}}, "space.distill.nope"),
+    ({"space": {"distill.tri_weight": {"normal": [0, 1]}}}, "space.distill.tri_weight"),
+    ({"space": {"distill.tri_weight": {"uniform": [2, 1]}}}, "space.distill.tri_weight"),
+    ({"space": {"distill.tri_weight": {"loguniform": [0, 1]}}}, "space.distill.tri_weight"),
+    ({"space": {"distill.tri_weight": {"uniform": [-1, 1]}}}, "space.distill.tri_weight"),
+    ({"space": {"student.fsa_num": {"uniform": [1, 4]}}}, "space.student.fsa_num"),
+    ({"space": {"distill.temperature": {"choice": []}}}, "space.distill.temperature"),
+    ({"fixed": {"student.lr": "fast"}}, "fixed.student.lr"),
+    ({"fixed": {"distill.tri_weight": 1.0}}, "space.distill.tri_weight"),
+])
+def test_malformed_spaces_are_refused_naming_the_key(change, key):
+    with pytest.raises(SearchSpaceError) as err:
+        parse_search_space({**VALID, **change}, "bad.yaml")
+    assert f"bad.yaml: {key}:" in str(err.value)
+
+
+def test_unreadable_yaml_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("space: [unclosed\n")
+    with pytest.raises(SearchSpaceError, match="broken.yaml: not valid YAML"):
+        load_search_space(path)
