@@ -121,6 +121,8 @@ def redact_uri(uri: str) -> str:
     if "@" in netloc:
         netloc = "***@" + netloc.rsplit("@", 1)[1]
     query = _SECRET_QUERY.sub(r"\1***", parts.query)
+    if netloc == parts.netloc and query == parts.query:
+        return uri  # nothing secret; urlunsplit would also drop the empty netloc of sqlite:////abs
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 

@@ -106,6 +106,8 @@ def test_secrets_are_redacted():
     assert tracking.redact_params({"db_password": "pw", "AWS_SECRET_ACCESS_KEY": "k", "lr": 0.1,
                                    "uri": "s3://key:secret@bucket/path"}) == \
         {"db_password": "***", "AWS_SECRET_ACCESS_KEY": "***", "lr": 0.1, "uri": "s3://***@bucket/path"}
+    # URIs without secrets are shown exactly as given (an absolute SQLite path keeps its four slashes).
+    assert tracking.redact_uri("sqlite:////tmp/runs/mlflow.db") == "sqlite:////tmp/runs/mlflow.db"
 
 
 def test_run_records_params_metrics_artifacts_and_model(logged):
