@@ -196,23 +196,23 @@ def two_step_reference(cfg: Config, annotations, arrays, teacher_ref: str) -> di
     """The same protocol with the teacher's embeddings of the student's detections (EVALUATION.md)."""
     import torch
 
+    from dkd_ray.eval.arrays import Detections
     from dkd_ray.eval.search import evaluate_search
     from dkd_ray.inference import teacher_embed_boxes
     from dkd_ray.models.loading import load_model
 
-    teacher = load_model(teacher_ref, role="teacher")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = load_model(teacher_ref, role="teacher", map_location=device).to(device)
     kept = arrays.gallery.above(cfg.eval.score_threshold)
     rows = [int(r) for r in np.flatnonzero(np.diff(kept.offsets) > 0)]
-    crop = (cfg.teacher.input_height, cfg.teacher.input_width)
-    device = torch.device("cpu")
+    trained = teacher.spec["config"]["teacher"]  # the teacher's own input size, not the student run's config
+    crop = (trained["input_height"], trained["input_width"])
     gallery_emb = teacher_embed_boxes(teacher, annotations, rows, [kept.boxes[kept.rows_of(r)] for r in rows],
                                       crop_size=crop, device=device)
     queries = annotations.queries
     query_emb = np.concatenate(teacher_embed_boxes(
         teacher, annotations, [int(i) for i in queries.image_index], [b[None] for b in queries.box],
         crop_size=crop, device=device)) if len(queries) else np.zeros((0, teacher.embedding_dim), np.float32)
-    from dkd_ray.eval.arrays import Detections
-
     gallery = Detections.from_lists(rows, [kept.boxes[kept.rows_of(r)] for r in rows],
                                     [kept.scores[kept.rows_of(r)] for r in rows], gallery_emb,
                                     num_images=kept.num_images, dim=teacher.embedding_dim)
