@@ -34,7 +34,7 @@ VARIANTS = {
 
 
 def write_table(rows: list, output: Path, argv: list[str] | None, base, teacher_dir) -> str:
-    from dkd_ray.stages import headline_prefix
+    from dkd_ray.eval.pipeline import headline_prefix
 
     head = headline_prefix(rows[0][1], "cuhk_sysu") if rows else ""
     lines = [f"| variant | {head} mAP | {head} top-1 | full mAP | full top-1 | det AP | minutes | MLflow run |",

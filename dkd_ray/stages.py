@@ -17,11 +17,9 @@ from typing import Any
 import numpy as np
 
 from dkd_ray.config import Config
+from dkd_ray.eval.pipeline import headline_prefix
 
 log = logging.getLogger(__name__)
-
-HEADLINE = {"cuhk_sysu": "cuhk_sysu/g100", "prw": "prw/all"}
-
 
 @dataclass
 class StageResult:
@@ -38,20 +36,6 @@ class StageResult:
         from dkd_ray.train.teacher_finish import BANK_DIR
 
         return self.checkpoint / BANK_DIR
-
-
-def headline_prefix(metrics: dict[str, float], dataset: str) -> str:
-    """The protocol whose mAP/top-1 tag a registered model: CUHK-SYSU gallery 100 (the field's
-    headline), else the largest ``TestG`` gallery present; PRW all frames."""
-    preferred = HEADLINE.get(dataset)
-    if preferred and f"{preferred}/mAP" in metrics:
-        return preferred
-    sizes = [int(k.split("/")[1][1:]) for k in metrics
-             if k.endswith("/mAP") and k.count("/") == 2 and k.split("/")[1][:1] == "g" and k.split("/")[1][1:].isdigit()]
-    if sizes:
-        return f"{dataset}/g{max(sizes)}"
-    candidates = sorted(k[: -len("/mAP")] for k in metrics if k.endswith("/mAP"))
-    return candidates[0] if candidates else ""
 
 
 def _layout(cfg: Config) -> str:

@@ -37,7 +37,7 @@ def test_submitted_student_job_survives_a_killed_worker_and_lands_in_mlflow(tiny
     from mlflow import MlflowClient
 
     from dkd_ray.models.loading import load_model
-    from dkd_ray.stages import headline_prefix
+    from dkd_ray.eval.pipeline import headline_prefix
 
     trace, marker = tmp_path / "trace.txt", tmp_path / "killed"
     with mlflow_server(tmp_path / "mlflow") as server, ray_head(tmp_path / "ray", num_cpus=3) as head:

@@ -80,7 +80,7 @@ def evaluate_student(model: torch.nn.Module, annotations: Annotations, cfg: Conf
     """The full protocol of the dataset for the (possibly DDP-wrapped) distilled student.
     With ``prefix`` (``"val/"`` on a validation view) the headline protocol's mAP and top-1 are
     also reported as ``<prefix>mAP`` / ``<prefix>top1``, the names sweeps rank trials by."""
-    from dkd_ray.eval.pipeline import evaluate_arrays
+    from dkd_ray.eval.pipeline import evaluate_arrays, headline_prefix
 
     wrapped = unwrap(model)
     student = getattr(wrapped, "student", wrapped)
@@ -93,8 +93,6 @@ def evaluate_student(model: torch.nn.Module, annotations: Annotations, cfg: Conf
                              score_threshold=cfg.eval.score_threshold, cbgm=cfg.eval.cbgm, plots=False)
     metrics = {f"{prefix}{k}": v for k, v in report.metrics.items()}
     if prefix:
-        from dkd_ray.stages import headline_prefix
-
         head = headline_prefix(report.metrics, annotations.dataset)
         metrics[f"{prefix}mAP"] = report.metrics.get(f"{head}/mAP", 0.0)
         metrics[f"{prefix}top1"] = report.metrics.get(f"{head}/top1", 0.0)
