@@ -56,6 +56,14 @@ class SearchSpace:
                                                                "reduction_factor": 2})
     fixed: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def num_trials(self) -> int:
+        """Trials a complete sweep runs: ``num_samples`` times every grid combination."""
+        count = self.num_samples
+        for kind, args in self.space.values():
+            count *= len(args) if kind == "grid" else 1
+        return count
+
     def to_tune(self) -> dict[str, Any]:
         """The ``param_space`` for ``ray.tune.Tuner``: config key -> Tune distribution."""
         from ray import tune

@@ -54,11 +54,11 @@ def _checkpoint_dir(result) -> Path:
     return Path(result.checkpoint.to_directory(tempfile.mkdtemp(prefix="dkd-final-")))
 
 
-def _tracker(cfg: Config, job: str, experiment: str, run_name: str):
+def _tracker(cfg: Config, job: str, experiment: str, run_name: str, parent_run_id: str | None = None):
     from dkd_ray.tracking import Tracker
 
     tracker = Tracker(cfg.data.dataset, job, experiment=experiment, run_name=run_name,
-                      tags={"preset": cfg.preset})
+                      tags={"preset": cfg.preset}, parent_run_id=parent_run_id)
     tracker.start()
     tracker.log_config(cfg)
     return tracker
@@ -70,35 +70,46 @@ def _mlflow_settings(tracker, cfg: Config, job: str) -> dict[str, Any]:
 
 
 def train_teacher_stage(cfg: Config, data_root: Path, *, storage_path: str | Path, experiment: str,
-                        run_name: str) -> StageResult:
-    """Train the teacher, evaluate it on ground truth, build the bank, log and register it."""
-    from dkd_ray.models.loading import load_model
-    from dkd_ray.tracking import registered_model_name, version_tags
+                        run_name: str, parent_run_id: str | None = None, register: bool = True) -> StageResult:
+    """Train the teacher, evaluate it on ground truth, build the bank, log and (unless
+    ``register`` is False) register it."""
     from dkd_ray.train.runner import fit
     from dkd_ray.train.teacher_loop import train_teacher
 
-    tracker = _tracker(cfg, "train_teacher", experiment, run_name)
+    tracker = _tracker(cfg, "train_teacher", experiment, run_name, parent_run_id)
     loop_config = {"config": cfg.to_dict(), "data_root": str(data_root), "run_name": run_name,
                    "mlflow": _mlflow_settings(tracker, cfg, "train_teacher")}
     result = fit(train_teacher, loop_config, cfg, name=run_name, storage_path=storage_path)
     checkpoint = _checkpoint_dir(result)
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
     stage = StageResult("teacher", checkpoint, metrics, run_id=tracker.run_id)
-    tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("teacher_gt/")})
+    tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith(("teacher_gt/", "val/"))})
     tracker.set_tags({"checkpoint": str(checkpoint), "knowledge_bank": str(stage.bank_path)})
+    if register:
+        log_teacher_model(stage, cfg, tracker, {k.removeprefix("teacher_gt/"): v for k, v in metrics.items()},
+                          bank_path=stage.bank_path)
+    tracker.end()
+    return stage
 
-    teacher = load_model(checkpoint, role="teacher")
-    head = headline_prefix({k.removeprefix("teacher_gt/"): v for k, v in metrics.items()}, _layout(cfg))
-    tags = version_tags(cfg, {"mAP": metrics.get(f"teacher_gt/{head}/mAP", float("nan")),
-                              "top1": metrics.get(f"teacher_gt/{head}/top1", float("nan"))})
-    tags["knowledge_bank"] = str(stage.bank_path)
+
+def log_teacher_model(stage: StageResult, cfg: Config, tracker, test_metrics: dict[str, float], *,
+                      bank_path: Path | None = None, alias: str | None = None) -> None:
+    """Log the teacher of ``stage.checkpoint`` in ``tracker``'s run and register it as
+    ``dkd-teacher-<dataset>``, tagged with its test mAP/top-1 (two-step on ground truth)."""
+    from dkd_ray.models.loading import load_model
+    from dkd_ray.tracking import registered_model_name, version_tags
+
+    teacher = load_model(stage.checkpoint, role="teacher")
+    head = headline_prefix(test_metrics, _layout(cfg))
+    tags = version_tags(cfg, {"mAP": test_metrics.get(f"{head}/mAP", float("nan")),
+                              "top1": test_metrics.get(f"{head}/top1", float("nan"))})
+    if bank_path is not None:
+        tags["knowledge_bank"] = str(bank_path)
     example = np.random.default_rng(0).random((1, 3, cfg.teacher.input_height, cfg.teacher.input_width), dtype=np.float32)
-    info = tracker.log_model(teacher, "model", example, config=teacher.spec,
+    info = tracker.log_model(teacher, "model", example, config=teacher.spec, alias=alias,
                              registered_name=registered_model_name("teacher", cfg.data.dataset), version_tags=tags)
     if info is not None:
         stage.model_uri, stage.registered_version = info.model_uri, getattr(info, "registered_model_version", None)
-    tracker.end()
-    return stage
 
 
 def resolve_bank(cfg: Config, teacher_ref: str, data_root: Path, *, storage_path: str | Path,
@@ -129,9 +140,6 @@ def train_student_stage(cfg: Config, data_root: Path, *, teacher_ref: str, bank_
     """Train the distilled student on Ray, evaluate it (full protocol, two-step reference), log
     and register it."""
     from dkd_ray.data import load_annotations
-    from dkd_ray.eval.pipeline import evaluate_arrays
-    from dkd_ray.models.loading import load_model
-    from dkd_ray.tracking import registered_model_name, version_tags
     from dkd_ray.train.evaluation import EvaluationArrays
     from dkd_ray.train.runner import fit
     from dkd_ray.train.student_loop import train_student
@@ -151,29 +159,56 @@ def train_student_stage(cfg: Config, data_root: Path, *, teacher_ref: str, bank_
         from dkd_ray.data.splits import validation_split
 
         annotations = validation_split(annotations, cfg.data.validation_fraction, cfg.train.seed)[1]
-    arrays = EvaluationArrays.load(checkpoint / "evaluation")
+    report_student(stage, cfg, annotations, EvaluationArrays.load(checkpoint / "evaluation"), teacher_ref,
+                   tracker, output_dir)
+    tracker.end()
+    return stage
+
+
+def report_student(stage: StageResult, cfg: Config, annotations, arrays, teacher_ref: str, tracker,
+                   output_dir: Path, *, alias: str | None = None) -> None:
+    """From the student's evaluation arrays: the full protocol (files in ``output_dir``), the
+    two-step reference, all logged in ``tracker``'s run; then log the model of
+    ``stage.checkpoint`` and register it as ``dkd-student-<dataset>`` (with ``alias``)."""
+    from dkd_ray.eval.pipeline import evaluate_arrays
+    from dkd_ray.models.loading import load_model
+    from dkd_ray.tracking import registered_model_name, version_tags
+
     output_dir.mkdir(parents=True, exist_ok=True)
     report = evaluate_arrays(annotations, arrays.gallery, arrays.query_embeddings,
                              score_threshold=cfg.eval.score_threshold, cbgm=cfg.eval.cbgm, output_dir=output_dir)
     stage.metrics = dict(report.metrics)
     stage.files = list(report.files)
-    if cfg.eval.two_step:
+    if cfg.eval.two_step and teacher_ref:
         stage.metrics.update(two_step_reference(cfg, annotations, arrays, teacher_ref))
     tracker.log_metrics(stage.metrics)
     tracker.log_artifacts(output_dir, "evaluation")
 
-    student = load_model(checkpoint, role="student")
+    student = load_model(stage.checkpoint, role="student")
     head = headline_prefix(stage.metrics, _layout(cfg))
     tags = version_tags(cfg, {"mAP": stage.metrics.get(f"{head}/mAP", float("nan")),
                               "top1": stage.metrics.get(f"{head}/top1", float("nan"))})
     tags["teacher"] = teacher_ref
     example = np.random.default_rng(0).random((1, 3, cfg.data.short_side, cfg.data.short_side), dtype=np.float32)
-    info = tracker.log_model(student, "model", example, config=student.spec, serialization="pickle",
+    info = tracker.log_model(student, "model", example, config=student.spec, serialization="pickle", alias=alias,
                              registered_name=registered_model_name("student", cfg.data.dataset), version_tags=tags)
     if info is not None:
         stage.model_uri, stage.registered_version = info.model_uri, getattr(info, "registered_model_version", None)
-    tracker.end()
-    return stage
+
+
+def evaluate_model_stage(cfg: Config, data_root: Path, model_ref: str, role: str, *, storage_path: str | Path,
+                         run_name: str) -> tuple[dict[str, float], Path]:
+    """Evaluate a trained model on the test protocol on Ray Train workers (sharded inference).
+    Returns the run's metrics and its checkpoint folder (``evaluation/`` holds a student's arrays)."""
+    from dkd_ray.train.evaluate_loop import evaluate_model
+    from dkd_ray.train.runner import fit
+
+    evaluation = cfg.copy()
+    evaluation.data.validation_fraction = 0.0  # the test protocol, whatever the run selected on
+    loop_config = {"config": evaluation.to_dict(), "data_root": str(data_root), "model_ref": model_ref, "role": role}
+    result = fit(evaluate_model, loop_config, evaluation, name=run_name, storage_path=storage_path)
+    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    return metrics, _checkpoint_dir(result)
 
 
 def two_step_reference(cfg: Config, annotations, arrays, teacher_ref: str) -> dict[str, float]:

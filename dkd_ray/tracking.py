@@ -159,14 +159,15 @@ class Tracker:
                  enabled: bool = True, pipeline_id: str | None = None,
                  parent_run_id: str | None = None, tags: Mapping[str, Any] | None = None,
                  checkpoint_dir: str | None = None, retry_after_s: float = 30.0,
-                 max_retry_after_s: float = 600.0, max_buffered_metrics: int = 200_000):
+                 max_retry_after_s: float = 600.0, max_buffered_metrics: int = 200_000,
+                 owns_run: bool | None = None):
         self.enabled = enabled
         self.uri = uri or tracking_uri()
         self.experiment = experiment or experiment_name(dataset)
         self.run_name = run_name or f"{job}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.checkpoint_dir = checkpoint_dir
         self._run_id = run_id
-        self._owns_run = run_id is None
+        self._owns_run = run_id is None if owns_run is None else owns_run  # end() sets the status
         self._tags = {"dataset": dataset, "job": job, **{k: str(v) for k, v in (tags or {}).items()}}
         pipeline_id = pipeline_id or os.environ.get(PIPELINE_ENV)
         if pipeline_id:

@@ -13,7 +13,7 @@ VALID = {"preset": "cpu-small", "space": {"distill.prob_weight": {"loguniform": 
                                           "distill.tri_weight": {"grid": [0.5, 1.0]}}}
 
 
-@pytest.mark.parametrize("name", ["cpu_smoke.yaml", "cuhk_sysu.yaml", "prw.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in SPACES.glob("*.yaml")))
 def test_shipped_spaces_load_and_become_tune_distributions(name):
     from ray import tune
 
@@ -63,3 +63,26 @@ def test_unreadable_yaml_names_the_file(tmp_path):
     path.write_text("space: [unclosed\n")
     with pytest.raises(SearchSpaceError, match="broken.yaml: not valid YAML"):
         load_search_space(path)
+
+
+def _run_job(*args: str):
+    import subprocess
+    import sys
+
+    job = Path(__file__).resolve().parents[1] / "jobs" / "tune_distill.py"
+    return subprocess.run([sys.executable, str(job), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_the_sweep_job_refuses_a_malformed_space_before_starting_anything(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("preset: cpu-small\nspace:\n  distill.tri_weight: {uniform: [2, 1]}\n")
+    result = _run_job("--space", str(bad), "--storage-path", str(tmp_path / "runs"))
+    assert result.returncode != 0
+    assert "bad.yaml: space.distill.tri_weight: uniform needs low < high" in result.stderr
+    assert not (tmp_path / "runs").exists(), "nothing may start for a refused space"
+
+
+def test_the_sweep_job_refuses_a_stage_that_contradicts_the_space(tmp_path):
+    result = _run_job("--space", str(SPACES / "cpu_smoke.yaml"), "--stage", "teacher",
+                      "--storage-path", str(tmp_path / "runs"))
+    assert result.returncode != 0 and "describes a student sweep" in result.stderr

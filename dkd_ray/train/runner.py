@@ -20,8 +20,11 @@ from dkd_ray.config import Config
 log = logging.getLogger(__name__)
 
 
-def init_ray(address: str | None = None) -> None:
-    """Join the job's cluster under ``ray job submit`` (RAY_ADDRESS), else start a local one."""
+def init_ray(address: str | None = None, *, dashboard: bool = False) -> None:
+    """Join the job's cluster under ``ray job submit`` (RAY_ADDRESS), else start a local one.
+    ``dashboard``: start the local cluster's dashboard (on 127.0.0.1) too; Ray Train's
+    placement-group cleaner needs its state API to free the resources of a Train run whose
+    driver was killed, which is how Tune stops a trial early."""
     import ray
 
     if ray.is_initialized():
@@ -30,7 +33,9 @@ def init_ray(address: str | None = None) -> None:
     if address or os.environ.get("RAY_ADDRESS"):
         kwargs["address"] = address or os.environ["RAY_ADDRESS"]
     else:
-        kwargs["include_dashboard"] = False
+        kwargs["include_dashboard"] = dashboard
+        if dashboard:
+            kwargs["dashboard_host"] = "127.0.0.1"
     # Workers need the driver's environment (MLflow location, pipeline id) and the package on
     # the path; under `ray job submit` the job's own runtime env already carries some of these,
     # and Ray refuses to set a key twice.

@@ -8,6 +8,7 @@ progress, RNG states) and writes/restores it for both training loops the same wa
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from collections.abc import Callable
@@ -22,6 +23,8 @@ from dkd_ray.train.checkpoint import TrainingState, load_checkpoint, save_checkp
 from dkd_ray.train.session import Session
 
 log = logging.getLogger(__name__)
+
+EPOCH_RESULTS = "epoch_results.json"
 
 
 @dataclass
@@ -47,7 +50,11 @@ class RunState:
     progress: Progress
 
     def resume(self) -> None:
-        """Continue from the session's latest checkpoint, if there is one."""
+        """Continue from the session's latest checkpoint, if there is one.
+
+        A checkpoint taken at an epoch's end carries that epoch's results; they are reported
+        again, because whatever consumes reports (Tune's scheduler, the sweep's MLflow runs) may
+        not have received them before the interruption. Consumers ignore an epoch seen twice."""
         restored = self.session.latest_checkpoint()
         if restored is None:
             return
@@ -57,6 +64,9 @@ class RunState:
         if self.session.is_main:
             log.info("%s: resumed from %s at epoch %d iteration %d", self.role, restored,
                      self.progress.epoch, self.progress.iteration)
+        results = restored / EPOCH_RESULTS
+        if self.progress.batches_done == 0 and results.is_file():
+            self.session.report({**json.loads(results.read_text()), "replayed": 1})
 
     def checkpoint(self, metrics: dict[str, Any], add_files: Callable[[Path], None] | None = None,
                    every_rank_writes: bool = False) -> None:
@@ -70,6 +80,9 @@ class RunState:
                 add_files(directory)
             if self.session.is_main:
                 p = self.progress
+                if p.batches_done == 0:  # an epoch's end: its results travel with it (see resume)
+                    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+                    (directory / EPOCH_RESULTS).write_text(json.dumps({**numbers, **p.to_dict()}))
                 save_checkpoint(TrainingState.capture(
                     self.model, self.optimizer, self.scheduler, self.scaler, epoch=p.epoch, iteration=p.iteration,
                     batches_done=p.batches_done, config=self.cfg,

@@ -30,8 +30,11 @@ BANK_DIR = "bank"
 
 
 def evaluate_teacher_on_ground_truth(teacher: torch.nn.Module, annotations: Annotations, cfg: Config,
-                                     session: Session) -> dict[str, float]:
-    """Search metrics of the teacher on ground-truth boxes, prefixed ``teacher_gt/`` (rank 0)."""
+                                     session: Session, prefix: str = "teacher_gt/") -> dict[str, float]:
+    """Search metrics of the teacher on ground-truth boxes, named ``<prefix><protocol metric>``
+    (rank 0). With ``prefix="val/"`` (a validation view) the headline protocol's mAP and top-1
+    are also reported as ``val/mAP`` / ``val/top1``, the names sweeps rank trials by."""
+    from dkd_ray.eval.pipeline import headline_prefix
     from dkd_ray.eval.search import evaluate_search
 
     crop = (cfg.teacher.input_height, cfg.teacher.input_width)
@@ -57,7 +60,12 @@ def evaluate_teacher_on_ground_truth(teacher: torch.nn.Module, annotations: Anno
     dets = Detections.from_lists(all_rows, all_boxes, [np.ones(len(b), np.float32) for b in all_boxes], all_emb,
                                  num_images=len(images), dim=teacher.embedding_dim)
     search = evaluate_search(annotations, dets, query_embeddings, score_threshold=0.0)
-    return {f"teacher_gt/{k}": v for k, v in search.metrics.items()}
+    metrics = {f"{prefix}{k}": v for k, v in search.metrics.items()}
+    if prefix == "val/":
+        head = headline_prefix(search.metrics, annotations.dataset)
+        metrics["val/mAP"] = search.metrics.get(f"{head}/mAP", 0.0)
+        metrics["val/top1"] = search.metrics.get(f"{head}/top1", 0.0)
+    return metrics
 
 
 def build_bank_shard(teacher: torch.nn.Module, annotations: Annotations, cfg: Config, session: Session,

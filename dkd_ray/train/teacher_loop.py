@@ -1,6 +1,10 @@
 """The teacher's training loop: one function of a config, run by every Ray Train worker
 (or in-process by tests). P x K batches of ISA crops, cross-entropy with label smoothing plus
 batch-hard triplet, Adam with warm-up; checkpoints every N iterations and at every epoch end.
+
+With ``data.validation_fraction`` > 0 (teacher sweeps) it trains on the identities left after
+the hold-out and reports the two-step validation mAP (teacher on the held-out ground truth) as
+``val/mAP`` every ``train.eval_every_epochs`` epochs and at the end, instead of the test protocol.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch.utils.data import DataLoader
 from dkd_ray.config import Config
 from dkd_ray.data.datasets import PersonCropDataset, labelled_box_rows
 from dkd_ray.data.samplers import PKBatchSampler, SkipBatches
+from dkd_ray.data.splits import validation_split
 from dkd_ray.train.common import (Precision, after_step_hooks, loader_generator, mean_across_workers,
                                   scaled_lr, seed_everything, unwrap, warmup_multistep, wrap_ddp)
 from dkd_ray.train.session import Session, current_session
@@ -29,7 +34,8 @@ log = logging.getLogger(__name__)
 
 def train_teacher(loop_config: dict[str, Any], session: Session | None = None) -> None:
     """Train the Re-ID teacher. ``loop_config``: ``{"config": Config.to_dict(), "data_root": str,
-    "checkpoint_root": optional local folder for in-process runs}``."""
+    "checkpoint_root": optional local folder for in-process runs, "build_bank": False to skip the
+    knowledge bank (sweep trials)}``."""
     from dkd_ray.models.reid_losses import TeacherCriterion
     from dkd_ray.models.teacher import build_teacher
 
@@ -40,6 +46,10 @@ def train_teacher(loop_config: dict[str, Any], session: Session | None = None) -
     seed_everything(cfg.train.seed + session.rank, cfg.train.deterministic)
 
     annotations = load_training_annotations(loop_config)
+    evaluated_on, prefix = annotations, "teacher_gt/"
+    if cfg.data.validation_fraction > 0:  # model selection: never look at the test set
+        annotations, evaluated_on = validation_split(annotations, cfg.data.validation_fraction, cfg.train.seed)
+        prefix = "val/"
     rows = labelled_box_rows(annotations, "train")
     crops = PersonCropDataset(
         annotations, rows, crop_size=(tcfg.input_height, tcfg.input_width), isa_strength=tcfg.isa_strength,
@@ -108,10 +118,11 @@ def train_teacher(loop_config: dict[str, Any], session: Session | None = None) -
         if progress.batches_done >= iters_per_epoch:
             progress.epoch, progress.batches_done = progress.epoch + 1, 0
         finished = progress.epoch >= tcfg.epochs or bool(max_iters and progress.iteration >= max_iters)
-        if finished:
-            metrics.update(evaluate_teacher_on_ground_truth(unwrap(model).eval(), annotations, cfg, session))
-        run.checkpoint({"phase": "teacher", **metrics}, add_bank_shard if finished else None,
-                       every_rank_writes=finished)
+        every = cfg.train.eval_every_epochs
+        if finished or (every and progress.epoch % every == 0 and progress.batches_done == 0):
+            metrics.update(evaluate_teacher_on_ground_truth(unwrap(model).eval(), evaluated_on, cfg, session, prefix))
+        bank = finished and loop_config.get("build_bank", True)
+        run.checkpoint({"phase": "teacher", **metrics}, add_bank_shard if bank else None, every_rank_writes=bank)
         tracker.log_metrics(metrics, step=progress.epoch)
         if session.is_main:
             log.info("teacher epoch %d done: %s", progress.epoch, {k: round(v, 4) for k, v in metrics.items()})
