@@ -491,6 +491,9 @@ def _log_model(model: nn.Module, name: str, input_example: np.ndarray, *, run_id
         with torch.no_grad():
             output = model(torch.from_numpy(example))
         signature = infer_signature(example, _numpy_output(output))
+        # MLflow checks an input example by serving it, which needs one output tensor; a
+        # detector returns per-image dicts, so it is described by its signature alone.
+        served_example = example if isinstance(output, torch.Tensor) else None
         config_dict = config if isinstance(config, dict) or config is None else config.to_dict()
         with tempfile.TemporaryDirectory() as tmp:
             state_path, config_path = Path(tmp) / STATE_DICT_FILE, Path(tmp) / CONFIG_FILE
@@ -499,7 +502,7 @@ def _log_model(model: nn.Module, name: str, input_example: np.ndarray, *, run_id
 
             def log(fmt: str) -> ModelInfo:
                 return mlflow.pytorch.log_model(
-                    model, name=name, input_example=example, signature=signature,
+                    model, name=name, input_example=served_example, signature=signature,
                     serialization_format=fmt, extra_files=[str(state_path), str(config_path)],
                     tags=dict(tags or {}), run_id=run_id,
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",

@@ -11,7 +11,13 @@ protocols do. Prints a metrics table and writes to --output-dir:
 Two-step evaluation (a separate Re-ID model's embeddings of the detector's boxes) is the same
 command with those embeddings saved in the detections and queries files.
 
-Example:
+With --model (a registered model, run or checkpoint) the model first runs over the test split on
+Ray Train workers (--num-workers, --use-gpu; the job's cluster under `ray job submit`, else a
+local one) and its arrays are saved to --output-dir; --teacher adds the two-step reference.
+
+Examples:
+  python jobs/evaluate.py --dataset cuhk_sysu --data-root data/CUHK-SYSU \\
+      --model models:/dkd-student-cuhk_sysu@champion --teacher models:/dkd-teacher-cuhk_sysu@champion --cbgm
   python jobs/evaluate.py --dataset cuhk_sysu --data-root data/CUHK-SYSU \\
       --detections runs/x/gallery.npz --queries runs/x/queries.npz --cbgm --output-dir runs/x/eval
 """
@@ -56,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", help="student to evaluate: models:/dkd-student-<dataset>/<version> or @alias, "
                                        "a run id, or a checkpoint folder; its arrays are saved to --output-dir")
     model.add_argument("--teacher", help="also report the two-step reference: this teacher on the student's detections")
-    model.add_argument("--device", default="cuda" if _cuda() else "cpu", help="inference device (default: %(default)s)")
+    model.add_argument("--num-workers", type=int, default=1, help="Ray Train workers sharing the inference (default 1)")
+    model.add_argument("--use-gpu", choices=("auto", "true", "false"), default="auto",
+                       help="one GPU per worker when the cluster has them (default: auto)")
+    model.add_argument("--storage-path", default="runs", help="where the evaluation run's arrays go (default: runs)")
     model.add_argument("--short-side", type=int, help="scene resize (default: the model's training config)")
     model.add_argument("--max-side", type=int, help="scene resize long-side cap (default: the model's config)")
     model.add_argument("--experiment", default="", help="log metrics and files to this MLflow experiment "
@@ -96,45 +105,43 @@ def _gallery_sizes(values: list[str] | None) -> list[int | str] | None:
     return out
 
 
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
-
-
 def _layout(dataset: str) -> str:
     return "cuhk_sysu" if dataset == "synthetic" else dataset
 
 
 def save_model_arrays(args: argparse.Namespace) -> None:
-    """Run ``--model`` over the test split and save the arrays the protocols take."""
-    import numpy as np
-    import torch
+    """Run ``--model`` over the test split on Ray Train workers (sharded inference; the job's
+    cluster under ``ray job submit``, else a local one) and save the arrays the protocols take."""
+    import time
 
+    from dkd_ray.cli import setup_logging
+    from dkd_ray.config import Config
     from dkd_ray.data import load_annotations
-    from dkd_ray.eval.arrays import Detections, save_query_embeddings
-    from dkd_ray.inference import student_gallery, student_queries
+    from dkd_ray.eval.arrays import save_query_embeddings
     from dkd_ray.models.loading import load_model
+    from dkd_ray.stages import evaluate_model_stage
+    from dkd_ray.train.evaluation import EvaluationArrays
+    from dkd_ray.train.runner import init_ray
 
+    setup_logging()
+    spec = load_model(args.model, role="student").spec  # the model's own recipe: input sizes, detector
+    cfg = Config.from_dict(spec["config"])
+    overrides = {"data.dataset": args.dataset, "data.root": str(args.data_root.resolve()),
+                 "eval.score_threshold": args.score_threshold, "train.num_workers": args.num_workers,
+                 "train.use_gpu": args.use_gpu}
+    overrides.update({k: v for k, v in (("data.short_side", args.short_side), ("data.max_side", args.max_side)) if v})
+    cfg.apply_overrides(overrides)
+    init_ray()
+    storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
+    log.info("evaluating %s on the test split with %d worker(s)", args.model, cfg.train.num_workers)
+    _, checkpoint = evaluate_model_stage(cfg, args.data_root, args.model, "student", storage_path=storage,
+                                         run_name=f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}")
+    arrays = EvaluationArrays.load(checkpoint / "evaluation")
     annotations = load_annotations(_layout(args.dataset), args.data_root)
-    student = load_model(args.model, role="student", map_location=args.device).to(args.device)
-    trained = student.spec.get("config", {}).get("data", {})
-    sizes = dict(short_side=args.short_side or trained.get("short_side", 900),
-                 max_side=args.max_side or trained.get("max_side", 1500), device=torch.device(args.device))
-    rows = annotations.images.indices("test")
-    log.info("running %s on %d test images and %d queries (%s)", args.model, len(rows), len(annotations.queries), args.device)
-    every = max(1, len(rows) // 10)
-    gallery = Detections.from_lists(*student_gallery(
-        student, annotations, rows, progress=lambda n: n % every == 0 and log.info("%d / %d images", n, len(rows)),
-        **sizes), num_images=len(annotations.images), dim=student.embedding_dim)
-    _, query_embeddings = student_queries(student, annotations, np.arange(len(annotations.queries)), **sizes)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     args.detections, args.queries = args.output_dir / "gallery.npz", args.output_dir / "queries.npz"
-    gallery.save(args.detections, image_names=annotations.images.name)
-    save_query_embeddings(args.queries, query_embeddings,
+    arrays.gallery.save(args.detections, image_names=annotations.images.name)
+    save_query_embeddings(args.queries, arrays.query_embeddings,
                           query_image_names=annotations.images.name[annotations.queries.image_index])
 
 

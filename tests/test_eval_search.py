@@ -43,6 +43,16 @@ def test_rule_score_threshold_drops_detections_before_search():
     assert loose["cuhk_sysu/g3/top1"] == 0.0
 
 
+def test_rule_no_detection_above_the_threshold_scores_zero_without_failing():
+    # An untrained detector (a sweep's first epoch) may keep nothing: every query's AP is 0, the
+    # queries still count, and each top list is empty.
+    ann, dets = cuhk_case()
+    result = search(ann, dets, gallery_sizes=[3], score_threshold=1.01)
+    assert result.metrics["cuhk_sysu/g3/mAP"] == 0.0 and result.metrics["cuhk_sysu/g3/top1"] == 0.0
+    assert result.metrics["cuhk_sysu/g3/num_queries"] == 1
+    assert all((r.top_rows == -1).all() for r in result.protocols.values())
+
+
 def small_and_large_case():
     """Query 0 seeks a small person (10x20 box), query 1 a large one (100x200); each gallery
     image holds one detection covering the top 40% of the person: IoU = 0.4 for both."""

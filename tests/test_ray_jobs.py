@@ -100,3 +100,24 @@ def test_training_completes_when_the_tracking_server_stops_mid_run(tiny_cuhk, ti
     assert "unreachable" in log
     assert list(storage.glob("student-under-test/student_e*/state.pt")), "checkpoints must be kept"
     assert [i for i, _ in _lineage(trace)] == [1, 2, 3]
+
+
+def test_a_failed_job_continues_with_resume_from_its_last_checkpoint(tiny_cuhk, tiny_teacher, tmp_path):
+    """No restarts allowed: the job dies with its worker after iteration 3; the same command with
+    --resume picks up the checkpoint of iteration 2 and finishes the run."""
+    trace, marker = tmp_path / "trace.txt", tmp_path / "killed"
+    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "DKD_TRACE_FILE": str(trace)}
+    env.pop("RAY_ADDRESS", None)
+    args = _student_args(tiny_cuhk, tiny_teacher, tmp_path / "runs", 4, 1) + ["--set", "eval.two_step=false"]
+    failed = subprocess.run(args + ["--set", "train.max_failures=0"], capture_output=True, text=True, timeout=600,
+                            env={**env, "DKD_KILL_AT_ITERATION": "3", "DKD_KILL_MARKER": str(marker)})
+    assert failed.returncode != 0 and marker.exists(), (failed.stdout + failed.stderr)[-4000:]
+    assert [i for i, _ in _lineage(trace)] == [1, 2, 3]
+
+    resume = [a for a in args if a not in ("--run-name", "student-under-test")] + ["--resume", "student-under-test"]
+    resumed = subprocess.run(resume, capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-6000:]
+    lineage = _lineage(trace)
+    assert [i for i, _ in lineage] == [1, 2, 3, 3, 4], lineage
+    assert lineage[2] == lineage[3]  # iteration 3 again, on the same batch

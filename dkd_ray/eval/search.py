@@ -173,7 +173,8 @@ def evaluate_search(
     results = {}
     for out in outputs:
         result = out.result(_result_name(out.protocol.name, config))
-        result.top_rows = np.where(result.top_rows >= 0, index.source[np.maximum(result.top_rows, 0)], -1)
+        if len(index.source):  # back to rows of the caller's gallery
+            result.top_rows = np.where(result.top_rows >= 0, index.source[np.maximum(result.top_rows, 0)], -1)
         results[result.name] = result
     metrics: dict[str, float] = {}
     for result in results.values():

@@ -28,9 +28,10 @@ from dkd_ray.sweep import storage
 log = logging.getLogger(__name__)
 
 DEFAULT_VALIDATION_FRACTION = 0.2
-# The trial function only drives its Ray Train run, whose workers hold the CPUs/GPUs; Tune
-# refuses an empty request, so it asks for a sliver of a CPU.
-TRIAL_DRIVER_CPU = 0.01
+# The trial function only drives its Ray Train run, whose workers hold the CPUs/GPUs. Tune
+# refuses an empty request, and a sliver of a CPU would make a trial that uses every CPU of the
+# cluster unschedulable, so it asks for a little memory only.
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 64 * 2**20}
 
 
 class SweepError(RuntimeError):
@@ -84,7 +85,7 @@ def _concurrency(space: SearchSpace, cfg: Config) -> int:
     if use_gpu(cfg):
         fits = resources.get("GPU", 0) // cfg.train.num_workers
     else:
-        fits = resources.get("CPU", 0) // (cfg.train.num_workers * cfg.train.cpus_per_worker + TRIAL_DRIVER_CPU)
+        fits = resources.get("CPU", 0) // (cfg.train.num_workers * cfg.train.cpus_per_worker)
     return max(1, int(fits))
 
 
@@ -142,7 +143,7 @@ def _tuner(space: SearchSpace, cfg: Config, settings: dict[str, Any], sweep_uri:
     from dkd_ray.sweep.mlflow_runs import TrialRuns
     from dkd_ray.sweep.trial import run_trial
 
-    trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), {"CPU": TRIAL_DRIVER_CPU})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, settings=settings), TRIAL_DRIVER_RESOURCES)
     tune_path = storage.join(sweep_uri, "tune")
     if tune.Tuner.can_restore(tune_path):
         log.info("resuming the Tune experiment in %s (finished trials are kept)", tune_path)
