@@ -44,6 +44,9 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument("--teacher", default="", help="student sweeps: the teacher to distil from (MLflow URI, run "
                                                      "id or checkpoint folder); default: train one for the sweep")
     sweep.add_argument("--num-samples", type=int, help="override the space file's num_samples")
+    sweep.add_argument("--max-concurrent", type=int,
+                       help="at most this many trials at once (default: the space's max_concurrent, else as many "
+                            "as the cluster's CPUs/GPUs hold)")
     sweep.add_argument("--name", default="", help="sweep name (default: sweep-<timestamp>)")
     sweep.add_argument("--resume", metavar="NAME", default="",
                        help="continue the interrupted sweep NAME (same --storage-path): finished trials are kept")
@@ -66,6 +69,8 @@ def sweep_inputs(args: argparse.Namespace):
         raise SystemExit(f"error: --stage {args.stage}, but {args.space} describes a {space.stage} sweep (its `stage`)")
     if args.num_samples:
         space.num_samples = args.num_samples
+    if args.max_concurrent:
+        space.max_concurrent = args.max_concurrent
     if args.preset == "auto":  # the space names the recipe its ranges are meant for
         args.preset = space.preset
     cfg = config_from_args(args)

@@ -27,7 +27,7 @@ EPOCHS = 2  # the smoke space's student.epochs
 def _command(data_root: Path, storage: Path, *extra: str) -> list[str]:
     overrides = [a for o in TINY_OVERRIDES + ["teacher.epochs=2"] for a in ("--set", o)]
     return [sys.executable, str(REPO / "jobs" / "tune_distill.py"), "--space", str(SPACE), "--data-root",
-            str(data_root), "--storage-path", str(storage), *overrides, *extra]
+            str(data_root), "--storage-path", str(storage), "--max-concurrent", "1", *overrides, *extra]
 
 
 def _start(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, list[str]]:
@@ -55,6 +55,7 @@ def sweep(tiny_cuhk, tmp_path_factory):
         trials = storage / NAME / "trials"
 
         def second_trial_is_midway() -> bool:  # trial 1 finished, trial 2 has checkpointed epoch 1
+            # (one trial at a time: --max-concurrent 1)
             return any("completed after" in x for x in lines) and len(list(trials.glob("*/student_e001_*"))) >= 2
 
         while job.poll() is None and time.monotonic() < deadline and not second_trial_is_midway():
@@ -129,6 +130,8 @@ def test_parent_and_child_runs_and_the_champion_alias(sweep):
         assert len(client.get_metric_history(run.info.run_id, "val/mAP")) == int(run.data.tags["epochs"])
     finished = [r for r in runs if r.data.tags["status"] == "finished"]
     best = min(finished, key=lambda r: (-r.data.metrics["val/mAP"], r.data.tags["trial_id"]))  # ties: lower id
+    registered = client.search_model_versions("name = 'dkd-student-synthetic'")
+    assert registered, sweep["second"][-8000:]
     champion = client.get_model_version_by_alias("dkd-student-synthetic", "champion")
     assert champion.run_id == best.info.run_id
     assert champion.run_id == parent.data.tags["champion_run_id"]

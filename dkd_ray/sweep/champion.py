@@ -20,7 +20,21 @@ log = logging.getLogger(__name__)
 ALIAS = "champion"
 
 
-def trial_summaries(result_grid, metric: str, epochs: int, runs: dict[str, Any]) -> list[TrialSummary]:
+def final_checkpoint(trials_storage: str, trial_id: str, reported: str) -> str:
+    """The trial's newest complete checkpoint in its Train run's folder. The last result's
+    ``checkpoint_path`` is not enough: a trial interrupted right after its last epoch ends, on
+    resume, with that epoch's results replayed and no new checkpoint."""
+    from dkd_ray.sweep.trial import trial_run_name
+    from dkd_ray.train.session import newest_complete_checkpoint
+
+    if "://" in trials_storage:
+        return reported
+    newest = newest_complete_checkpoint(Path(trials_storage) / trial_run_name(trial_id))
+    return str(newest) if newest is not None else reported
+
+
+def trial_summaries(result_grid, metric: str, epochs: int, runs: dict[str, Any],
+                    trials_storage: str) -> list[TrialSummary]:
     """One ``TrialSummary`` per trial of a finished Tune run (``runs``: trial id -> child run)."""
     out = []
     for result in result_grid:
@@ -32,7 +46,7 @@ def trial_summaries(result_grid, metric: str, epochs: int, runs: dict[str, Any])
         out.append(TrialSummary(trial_id, status, reported, dict(result.config or {}),
                                 float(value) if value is not None else None,
                                 run_id=(runs.get(trial_id) or {}).get("run_id") or "",
-                                checkpoint=str(last.get("checkpoint_path", ""))))
+                                checkpoint=final_checkpoint(trials_storage, trial_id, str(last.get("checkpoint_path", "")))))
     return out
 
 

@@ -200,7 +200,8 @@ def run_sweep(space: SearchSpace, cfg: Config, *, name: str, data_root: Path, st
     outcome = SweepOutcome(name, sweep_uri, interrupted=_interrupted(space, settings, sweep_uri),
                            parent_run_id=settings["parent_run_id"])
     runs = storage.read_json(storage.join(sweep_uri, "trial_runs.json")) or {}
-    trials = trial_summaries(grid, settings["metric"], planned_epochs(cfg, settings["stage"]), runs)
+    trials = trial_summaries(grid, settings["metric"], planned_epochs(cfg, settings["stage"]), runs,
+                             settings["trials_storage"])
     outcome.trials = rank_trials(trials, settings["mode"])
     if outcome.interrupted:
         return outcome
@@ -221,6 +222,9 @@ def run_sweep(space: SearchSpace, cfg: Config, *, name: str, data_root: Path, st
         best = pick_champion(trials, settings["mode"])
         outcome.champion = crown(best, trial_config(settings, best.params), settings, data_root=data_root,
                                  storage_path=sweep_uri, output_dir=local / "evaluation")
+        if outcome.champion.get("version") is None:
+            log.error("the champion was not registered in MLflow (see the tracking warnings above); its "
+                      "checkpoint stays at %s and jobs/evaluate.py --model takes it", outcome.champion["checkpoint"])
         settings["champion"] = outcome.champion
         storage.write_json(storage.join(sweep_uri, "sweep.json"), settings)
     champion_metrics = outcome.champion.get("metrics", {})
