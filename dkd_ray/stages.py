@@ -245,7 +245,7 @@ def registered_version_tags(model_uri: str) -> dict[str, str]:
 
     from dkd_ray.tracking import tracking_uri
 
-    client = MlflowClient(tracking_uri())
+    client = MlflowClient(tracking_uri(), tracking_uri())  # the registry lives with the tracking server
     ref = model_uri.removeprefix("models:/")
     if "@" in ref:
         name, alias = ref.split("@", 1)

@@ -55,7 +55,7 @@ def test_submitted_student_job_survives_a_killed_worker_and_lands_in_mlflow(tiny
         assert [i for i, _ in lineage] == [1, 2, 3, 3, 4], lineage
         assert lineage[2] == lineage[3]
 
-        client = MlflowClient(server.uri)
+        client = MlflowClient(server.uri, server.uri)  # the registry too: earlier tests set a process-wide one
         experiment = client.get_experiment_by_name("dkd-ray/synthetic")
         runs = client.search_runs([experiment.experiment_id], "tags.job = 'train_student'")
         assert len(runs) == 1

@@ -65,7 +65,7 @@ def sweep(tiny_cuhk, tmp_path_factory):
         first_code = job.wait(timeout=300)
         first = "".join(lines)
         finished_before = set(json.loads((storage / NAME / "trial_runs.json").read_text()))
-        client = MlflowClient(server.uri)
+        client = MlflowClient(server.uri, server.uri)  # the registry too: earlier tests set a process-wide one
         done_before = {r.data.tags["trial_id"] for r in _children(client, storage)
                        if r.info.status in ("FINISHED", "KILLED")}
 
