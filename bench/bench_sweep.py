@@ -64,7 +64,7 @@ def main() -> int:
     init_ray(dashboard=True)
 
     settings = driver._start(space, cfg, name="bench", sweep_uri=str(work / "sweep"), data_root=data_root,
-                             storage_path=str(work), experiment="bench", teacher_ref=teacher_ref)
+                             experiment="bench", teacher_ref=teacher_ref)
     settings["bank_path"] = str(Path(teacher_ref) / "bank")
     params = {key: args[0] for key, (kind, args) in space.space.items()}  # every trial the same values
     trial_cfg = trial_config(settings, params)

@@ -89,9 +89,9 @@ def _concurrency(space: SearchSpace, cfg: Config) -> int:
     return max(1, int(fits))
 
 
-def _start(space: SearchSpace, cfg: Config, *, name: str, sweep_uri: str, data_root: Path, storage_path: str,
+def _start(space: SearchSpace, cfg: Config, *, name: str, sweep_uri: str, data_root: Path,
            experiment: str, teacher_ref: str) -> dict[str, Any]:
-    """A new sweep: its parent run, its teacher and bank (student sweeps), its settings file."""
+    """A new sweep: its parent run and its settings file (sweep.json)."""
     from dkd_ray.tracking import Tracker, tracking_uri
 
     parent = Tracker(cfg.data.dataset, "tune_distill", experiment=experiment, run_name=name,
@@ -192,7 +192,7 @@ def run_sweep(space: SearchSpace, cfg: Config, *, name: str, data_root: Path, st
                          "or choose another --name")
     if settings is None:
         settings = _start(space, sweep_config(space, cfg), name=name, sweep_uri=sweep_uri, data_root=data_root,
-                          storage_path=storage_path, experiment=experiment, teacher_ref=teacher_ref)
+                          experiment=experiment, teacher_ref=teacher_ref)
     cfg = Config.from_dict(settings["config"])  # on --resume, the sweep's own config
     _teacher_and_bank(settings, cfg, data_root, sweep_uri)
 

@@ -29,7 +29,6 @@ class ResumableASHA(ASHAScheduler):
         saved = storage.read_bytes(self.state_file)  # written by this sweep's driver, like Tune's own state
         if saved is not None:
             self.__dict__.update(pickle.loads(saved))
-            self._reloaded = True
 
     def _persist(self) -> None:
         storage.write_bytes(self.state_file, pickle.dumps(self.__dict__))
