@@ -7,6 +7,12 @@ at the teacher's input size, ``OnlineTeacher.crops``). Same machine, image size 
 the detector keeps exactly ``--detections`` boxes per frame (score threshold 0), since an
 untrained network's scores would make the count arbitrary. Target: ratio <= 0.6.
 
+(c) ``--part flops``: floating-point operations per frame of the same two pipelines, counted by
+``torch.utils.flop_counter`` (convolutions and matrix products; RoIAlign and NMS are not
+counted), split into backbone, RPN and RoI head. The count does not depend on the machine, so it
+says on a CPU what ratio a GPU can at best reach for a preset (a GPU runs these layers near its
+peak, so times follow FLOPs more closely there than on a CPU, where small layers cost more).
+
 (b) One student training step (forward, backward, optimiser step) on the same batch, with all
 three KD terms (teacher outputs from a ``KnowledgeBank.lookup``) and with KD off, alternated,
 medians. Target: ratio <= 1.10.
@@ -30,6 +36,7 @@ import statistics
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from dkd_ray.config import Config, preset
 from dkd_ray.distill.bank import KnowledgeBank
@@ -46,7 +53,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--amp", action="store_true", help="autocast float16 (+ GradScaler) on CUDA")
-    parser.add_argument("--part", choices=("inference", "train", "all"), default="all")
+    parser.add_argument("--part", choices=("inference", "train", "flops", "all"), default="all",
+                        help="all = inference + train; flops (c) is asked for on its own")
     parser.add_argument("--detections", type=int, nargs="+", default=[6, 16],
                         help="detections per frame (a), one row each (CUHK-SYSU has ~5.3 people per image)")
     parser.add_argument("--num-ids", type=int, default=5532, help="training identities K (CUHK-SYSU: 5532)")
@@ -129,7 +137,9 @@ def timed_pairs(clock: Clock, first, second, repeats: int, warmup: int) -> tuple
     return a, b
 
 
-def bench_inference(cfg: Config, args, device: torch.device, clock: Clock) -> list[str]:
+def two_pipelines(cfg: Config, args, device: torch.device):
+    """``(student, teacher, cropper, frame)`` for (a) and (c): the student's detector keeps every
+    box (score threshold 0; the callers set how many), its BatchNorm calibrated on two scenes."""
     cfg.student.box_score_thresh = 0.0
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -138,7 +148,11 @@ def bench_inference(cfg: Config, args, device: torch.device, clock: Clock) -> li
     cropper = OnlineTeacher(teacher, (cfg.teacher.input_height, cfg.teacher.input_width))
     images, targets = random_scenes(cfg, 2, gen, args.num_ids)
     calibrate_batch_norm(student, [im.to(device) for im in images], [_to(t, device) for t in targets])
-    frame = [images[0].to(device)]
+    return student, teacher, cropper, [images[0].to(device)]
+
+
+def bench_inference(cfg: Config, args, device: torch.device, clock: Clock) -> list[str]:
+    student, teacher, cropper, frame = two_pipelines(cfg, args, device)
     counts = []
 
     @torch.no_grad()
@@ -170,6 +184,45 @@ def bench_inference(cfg: Config, args, device: torch.device, clock: Clock) -> li
                    f"{statistics.mean(counts):.0f} detections/frame")
         rows.append(f"| (a) inference per frame | {setting} | end-to-end {e2e_ms:.1f} ms | two-step {two_ms:.1f} ms "
                     f"(detector alone {det_ms:.1f}) | **{e2e_ms / two_ms:.2f}** (target <= 0.6) |")
+    return rows
+
+
+def count_flops(fn, depth: int = 2) -> FlopCounterMode:
+    with torch.no_grad(), FlopCounterMode(display=False, depth=depth) as counter:
+        fn()
+    return counter
+
+
+def module_gflops(counter: FlopCounterMode, *modules: torch.nn.Module) -> float:
+    """GFLOPs of ``modules``, found by the top-level names the counter gives them (their class
+    names: the student's methods call its parts directly, not through one top-level forward)."""
+    counts = counter.get_flop_counts()
+    return sum(sum(counts.get(type(m).__name__, {}).values()) for m in modules) / 1e9
+
+
+def bench_flops(cfg: Config, args, device: torch.device) -> list[str]:
+    """GFLOPs per frame, end-to-end vs two-step, with the detector's parts (see (c) above)."""
+    student, teacher, cropper, frame = two_pipelines(cfg, args, device)
+    rows = []
+    for detections in args.detections:
+        student.roi_heads.detections_per_img = detections
+        detector = count_flops(lambda: student.detect(frame))
+        boxes = [d["boxes"] for d in student.detect(frame)]
+        end_to_end = count_flops(lambda: student(frame))
+        crops = cropper.crops(frame, boxes)
+        on_crops = count_flops(lambda: teacher(crops))
+        det, e2e, reid = (c.get_total_flops() / 1e9 for c in (detector, end_to_end, on_crops))
+        heads = student.roi_heads
+        parts = (f"backbone {module_gflops(detector, student.backbone):.1f}, "
+                 f"RPN {module_gflops(detector, student.rpn):.1f}, "
+                 f"RoI head {module_gflops(detector, heads.box_head, heads.box_predictor):.1f}")
+        s, t = cfg.student, cfg.teacher
+        setting = (f"student {s.backbone} {cfg.data.short_side}x{cfg.data.max_side}, {s.rpn_post_nms_top_n_test} "
+                   f"proposals, RoI {s.roi_output_size}; teacher {t.backbone} {t.input_height}x{t.input_width}; "
+                   f"{len(boxes[0])} detections/frame")
+        rows.append(f"| (c) GFLOPs per frame | {setting} | end-to-end {e2e:.1f} | two-step {det + reid:.1f} "
+                    f"(detector {det:.1f}: {parts}; teacher {reid / max(len(boxes[0]), 1):.1f} per crop) | "
+                    f"**{e2e / (det + reid):.2f}** (target <= 0.6) |")
     return rows
 
 
@@ -244,6 +297,8 @@ def main() -> None:
         print("\n".join(bench_inference(cfg.copy(), args, device, clock)), flush=True)
     if args.part in ("train", "all"):
         print("\n".join(bench_training(cfg.copy(), args, device, clock)), flush=True)
+    if args.part == "flops":
+        print("\n".join(bench_flops(cfg.copy(), args, device)), flush=True)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,6 @@ def main() -> int:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     logging.basicConfig(level=logging.WARNING)
 
-    from ray import tune
-
     from dkd_ray.config import preset
     from dkd_ray.search_space import load_search_space
     from dkd_ray.sweep import driver
@@ -61,7 +59,7 @@ def main() -> int:
     teacher = LocalSession(checkpoint_root=work / "teacher")
     train_teacher({"config": cfg.to_dict(), "data_root": str(data_root)}, teacher)
     teacher_ref = str(teacher.latest_checkpoint())
-    init_ray(dashboard=True)
+    init_ray()
 
     settings = driver._start(space, cfg, name="bench", sweep_uri=str(work / "sweep"), data_root=data_root,
                              experiment="bench", teacher_ref=teacher_ref)

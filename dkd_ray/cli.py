@@ -80,7 +80,7 @@ def run_name(args: argparse.Namespace, job: str) -> str:
     return args.resume or args.run_name or f"{job}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_driver(args: argparse.Namespace, cfg: Config, *, dashboard: bool = False) -> tuple[Path, str]:
+def prepare_driver(args: argparse.Namespace, cfg: Config) -> tuple[Path, str]:
     """Logging, MLflow location and pipeline id for the workers, Ray, and the dataset folder.
     Returns ``(data_root, storage_path)``."""
     from dkd_ray import tracking
@@ -93,7 +93,7 @@ def prepare_driver(args: argparse.Namespace, cfg: Config, *, dashboard: bool = F
     os.environ.setdefault(tracking.PIPELINE_ENV, tracking.new_pipeline_id())
     storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
     data_root = resolve_data_root(cfg, storage if "://" not in storage else "data")
-    init_ray(dashboard=dashboard)
+    init_ray()
     logging.getLogger("dkd_ray").info("MLflow tracking: %s (pipeline %s)", tracking.redact_uri(
         os.environ["MLFLOW_TRACKING_URI"]), os.environ[tracking.PIPELINE_ENV])
     return data_root, storage

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     from dkd_ray.sweep.driver import SweepError, run_sweep
     from dkd_ray.sweep.summary import format_trials_table
 
-    data_root, storage = prepare_driver(args, cfg, dashboard=True)
+    data_root, storage = prepare_driver(args, cfg)
     name = args.resume or args.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     started = time.perf_counter()
     try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dkd_ray.models.oim import OIMLoss
+from tests.harness import free_port
 
 
 def test_loss_hand_computed():
@@ -141,14 +141,8 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_memories_identical_across_two_gloo_workers(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for name in ("lut", "queue", "queue_ptr"):
         assert torch.equal(states[0][name], states[1][name]), f"{name} differs between workers"

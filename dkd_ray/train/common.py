@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import random
 from collections.abc import Sequence
 
@@ -62,13 +63,24 @@ class Precision:
         self.scaler.update()
 
 
-def wrap_ddp(model: nn.Module, device: torch.device, world_size: int, *, broadcast_buffers: bool) -> nn.Module:
-    """DDP over the process group Ray Train created (NCCL on GPU, gloo on CPU); as-is for one worker."""
+def wrap_ddp(model: nn.Module, device: torch.device, world_size: int, *, sync_buffers_each_forward: bool) -> nn.Module:
+    """DDP over the process group Ray Train created (NCCL on GPU, gloo on CPU); as-is for one worker.
+    Buffers are always made equal at wrap time; ``sync_buffers_each_forward`` also broadcasts
+    rank 0's before every forward (BatchNorm statistics)."""
     model.to(device)
     if world_size <= 1:
         return model
     device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=broadcast_buffers)
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                               **_buffer_sync_kwargs(sync_buffers_each_forward))
+
+
+def _buffer_sync_kwargs(each_forward: bool) -> dict[str, bool]:
+    # torch 2.14 renamed broadcast_buffers to forward_sync_buffers (which keeps the sync at
+    # wrap time); older torch, which the package ranges allow, only has the old name.
+    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": each_forward}
+    return {"broadcast_buffers": each_forward}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -87,6 +99,25 @@ def mean_across_workers(values: dict[str, float], device: torch.device, world_si
     tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(tensor)
     return {k: float(v) / world_size for k, v in zip(keys, tensor.tolist())}
+
+
+def equalize_batch_norm_statistics(model: nn.Module, world_size: int) -> None:
+    """Set every BatchNorm's running mean and variance to their mean over workers (every rank must
+    call it). Training normalises by batch statistics, so the running ones only steer inference;
+    but each worker evaluates its shard of the test set (and writes its part of the knowledge
+    bank) with its own copy, and rank 0's copy is checkpointed. Without this, results would
+    depend on the sharding: with the student's per-forward buffer broadcast off, the copies drift."""
+    if world_size <= 1:
+        return
+    stats = [t for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+             for t in (m.running_mean, m.running_var)]
+    if not stats:
+        return
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in stats])
+    torch.distributed.all_reduce(flat)
+    flat /= world_size
+    for tensor, mean in zip(stats, flat.split([t.numel() for t in stats])):
+        tensor.copy_(mean.view_as(tensor))
 
 
 def after_step_hooks(iteration: int, rank: int, batch_key: str) -> None:

@@ -20,11 +20,12 @@ from dkd_ray.config import Config
 log = logging.getLogger(__name__)
 
 
-def init_ray(address: str | None = None, *, dashboard: bool = False) -> None:
-    """Join the job's cluster under ``ray job submit`` (RAY_ADDRESS), else start a local one.
-    ``dashboard``: start the local cluster's dashboard (on 127.0.0.1) too; Ray Train's
-    placement-group cleaner needs its state API to free the resources of a Train run whose
-    driver was killed, which is how Tune stops a trial early."""
+def init_ray(address: str | None = None) -> None:
+    """Join the job's cluster under ``ray job submit`` (RAY_ADDRESS), else start a local one with
+    its dashboard on 127.0.0.1. The dashboard is not only for watching: Ray Train's
+    placement-group cleaner asks its state API whether a Train run's controller is alive, to free
+    the workers of a run whose driver died (how Tune stops a trial early); without it the
+    cleaner cannot work and warns every few seconds."""
     import ray
 
     if ray.is_initialized():
@@ -33,9 +34,7 @@ def init_ray(address: str | None = None, *, dashboard: bool = False) -> None:
     if address or os.environ.get("RAY_ADDRESS"):
         kwargs["address"] = address or os.environ["RAY_ADDRESS"]
     else:
-        kwargs["include_dashboard"] = dashboard
-        if dashboard:
-            kwargs["dashboard_host"] = "127.0.0.1"
+        kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1")
     # Workers need the driver's environment (MLflow location, pipeline id) and the package on
     # the path; under `ray job submit` the job's own runtime env already carries some of these,
     # and Ray refuses to set a key twice.
@@ -44,7 +43,7 @@ def init_ray(address: str | None = None, *, dashboard: bool = False) -> None:
     if "PYTHONPATH" not in job_env:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                           os.environ.get("PYTHONPATH", "")]))
-    ray.init(runtime_env={"env_vars": env}, **kwargs)
+    ray.init(runtime_env={"env_vars": env}, **kwargs)  # prints the dashboard's address
 
 
 def _job_runtime_env_vars() -> dict[str, str]:

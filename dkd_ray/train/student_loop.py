@@ -23,8 +23,9 @@ from dkd_ray.data.datasets import SceneDataset, collate_scenes
 from dkd_ray.data.samplers import SkipBatches, scene_sampler
 from dkd_ray.data.splits import validation_split
 from dkd_ray.models.student import labelled_ground_truth
-from dkd_ray.train.common import (Precision, after_step_hooks, loader_generator, mean_across_workers,
-                                  scaled_lr, seed_everything, targets_to, warmup_multistep, wrap_ddp)
+from dkd_ray.train.common import (Precision, after_step_hooks, equalize_batch_norm_statistics,
+                                  loader_generator, mean_across_workers, scaled_lr, seed_everything,
+                                  targets_to, warmup_multistep, wrap_ddp)
 from dkd_ray.train.session import Session, current_session
 from dkd_ray.train.tracking_hooks import epoch_tracker
 from dkd_ray.train.state import Progress, RunState
@@ -90,7 +91,7 @@ def train_student(loop_config: dict[str, Any], session: Session | None = None) -
     student = build_student(cfg, annotations.num_train_ids)
     distill = DistillationLoss(cfg.distill, scfg.embedding_dim, teacher_dim) if knowledge else None
     model = wrap_ddp(DistilledStudent(student, distill), session.device, session.world_size,
-                     broadcast_buffers=False)  # OIM buffers are kept identical by their own all-gather
+                     sync_buffers_each_forward=False)  # OIM buffers stay identical by their own all-gather
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=scaled_lr(scfg.lr, session.world_size), momentum=scfg.momentum,
                                 weight_decay=scfg.weight_decay)
@@ -139,12 +140,13 @@ def train_student(loop_config: dict[str, Any], session: Session | None = None) -
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             if session.is_main and progress.iteration % cfg.train.log_every_iters == 0:
-                log.info("student epoch %d iter %d/%d loss %.4f lr %.2e", progress.epoch, progress.batches_done,
-                         iters_per_epoch, float(loss.detach()), scheduler.get_last_lr()[0])
+                log.info("student epoch %d/%d iter %d/%d loss %.4f lr %.2e", progress.epoch + 1, scfg.epochs,
+                         progress.batches_done, iters_per_epoch, float(loss.detach()), scheduler.get_last_lr()[0])
             if max_iters and progress.iteration >= max_iters:
                 break
             if progress.iteration % cfg.train.checkpoint_every_iters == 0 and progress.batches_done < iters_per_epoch:
                 run.checkpoint({"phase": "student"})
+        equalize_batch_norm_statistics(model, session.world_size)  # before any sharded evaluation
         metrics = mean_across_workers({f"train/{k}": v / max(seen, 1) for k, v in sums.items()},
                                       session.device, session.world_size)
         metrics["train/images_per_s"] = images_seen * session.world_size / (time.perf_counter() - started)
@@ -161,5 +163,6 @@ def train_student(loop_config: dict[str, Any], session: Session | None = None) -
         run.checkpoint({"phase": "student", **metrics}, (lambda d: arrays.save(d / "evaluation")) if arrays is not None else None)
         tracker.log_metrics(metrics, step=progress.epoch)
         if session.is_main:
-            log.info("student epoch %d done: %s", progress.epoch, {k: round(v, 4) for k, v in metrics.items()})
+            log.info("student epoch %d/%d done: %s", progress.epoch, scfg.epochs,
+                     {k: round(v, 4) for k, v in metrics.items()})
     return final

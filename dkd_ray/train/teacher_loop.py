@@ -21,8 +21,9 @@ from dkd_ray.config import Config
 from dkd_ray.data.datasets import PersonCropDataset, labelled_box_rows
 from dkd_ray.data.samplers import PKBatchSampler, SkipBatches
 from dkd_ray.data.splits import validation_split
-from dkd_ray.train.common import (Precision, after_step_hooks, loader_generator, mean_across_workers,
-                                  scaled_lr, seed_everything, unwrap, warmup_multistep, wrap_ddp)
+from dkd_ray.train.common import (Precision, after_step_hooks, equalize_batch_norm_statistics,
+                                  loader_generator, mean_across_workers, scaled_lr, seed_everything, unwrap,
+                                  warmup_multistep, wrap_ddp)
 from dkd_ray.train.session import Session, current_session
 from dkd_ray.train.tracking_hooks import epoch_tracker
 from dkd_ray.train.state import Progress, RunState
@@ -62,7 +63,7 @@ def train_teacher(loop_config: dict[str, Any], session: Session | None = None) -
 
     model = build_teacher(tcfg, annotations.num_train_ids)
     criterion = TeacherCriterion(tcfg.label_smoothing, tcfg.triplet_margin)
-    model = wrap_ddp(model, session.device, session.world_size, broadcast_buffers=True)
+    model = wrap_ddp(model, session.device, session.world_size, sync_buffers_each_forward=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=scaled_lr(tcfg.lr, session.world_size),
                                  weight_decay=tcfg.weight_decay)
     scheduler = warmup_multistep(optimizer, warmup_iters=tcfg.warmup_epochs * iters_per_epoch,
@@ -105,12 +106,13 @@ def train_teacher(loop_config: dict[str, Any], session: Session | None = None) -
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             if session.is_main and progress.iteration % cfg.train.log_every_iters == 0:
-                log.info("teacher epoch %d iter %d/%d loss %.4f lr %.2e", progress.epoch, progress.batches_done,
-                         iters_per_epoch, float(loss.detach()), scheduler.get_last_lr()[0])
+                log.info("teacher epoch %d/%d iter %d/%d loss %.4f lr %.2e", progress.epoch + 1, tcfg.epochs,
+                         progress.batches_done, iters_per_epoch, float(loss.detach()), scheduler.get_last_lr()[0])
             if max_iters and progress.iteration >= max_iters:
                 break
             if progress.iteration % cfg.train.checkpoint_every_iters == 0 and progress.batches_done < iters_per_epoch:
                 run.checkpoint({"phase": "teacher"})
+        equalize_batch_norm_statistics(model, session.world_size)  # before any sharded evaluation
         metrics = mean_across_workers({f"train/{k}": v / max(seen, 1) for k, v in sums.items()},
                                       session.device, session.world_size)
         metrics["train/crops_per_s"] = seen * tcfg.p_identities * tcfg.k_instances * session.world_size / (
@@ -125,4 +127,5 @@ def train_teacher(loop_config: dict[str, Any], session: Session | None = None) -
         run.checkpoint({"phase": "teacher", **metrics}, add_bank_shard if bank else None, every_rank_writes=bank)
         tracker.log_metrics(metrics, step=progress.epoch)
         if session.is_main:
-            log.info("teacher epoch %d done: %s", progress.epoch, {k: round(v, 4) for k, v in metrics.items()})
+            log.info("teacher epoch %d/%d done: %s", progress.epoch, tcfg.epochs,
+                     {k: round(v, 4) for k, v in metrics.items()})
