@@ -25,6 +25,7 @@ plus ``--set section.key=value`` overrides, e.g.::
         --set student.backbone=resnet50 teacher.backbone=resnet50 student.roi_output_size=14 \\
         teacher.input_height=256 teacher.input_width=128 data.short_side=300 data.max_side=500
     PYTHONPATH=. python bench/bench_models.py --device cuda --amp --preset cuhk_sysu     # GPU, 900x1500
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python bench/bench_models.py --part flops --preset cuhk_sysu
 """
 
 from __future__ import annotations
