@@ -37,6 +37,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     run.add_argument("--experiment", default="",
                      help="MLflow experiment (default: dkd-ray/<dataset>); tracking URI from MLFLOW_TRACKING_URI, "
                           "else sqlite:///mlflow.db in the working folder")
+    run.add_argument("--backbone-weights", metavar="imagenet|none|PATH",
+                     help="starting weights of the teacher's and the student's ResNet trunks: torchvision's "
+                          "ImageNet weights (downloaded once), random init, or a state dict file (default: the "
+                          "preset's: imagenet for cuhk_sysu/prw, none for cpu-small)")
     run.add_argument("--seed", type=int, help="random seed (train.seed)")
     run.add_argument("--max-iters", type=int, help="stop each training stage after this many iterations (smoke runs)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -57,6 +61,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
                       ("seed", "train.seed"), ("max_iters", "train.max_iters")):
         if getattr(args, flag, None) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
+    weights = getattr(args, "backbone_weights", None)
+    if weights is not None:
+        if weights not in ("imagenet", "none"):  # a file: workers run in other folders
+            path = Path(weights).expanduser().resolve()
+            if not path.is_file():
+                raise SystemExit(f"error: --backbone-weights {weights}: no such file (expected imagenet, none "
+                                 "or the path of a state dict)")
+            weights = str(path)
+        overrides += [f"teacher.backbone_weights={weights}", f"student.backbone_weights={weights}"]
     try:
         return preset(name, overrides + list(args.overrides))
     except ConfigError as err:
