@@ -32,7 +32,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     run.add_argument("--num-workers", type=int, help="Ray Train workers (one per GPU on a GPU cluster)")
     run.add_argument("--use-gpu", choices=("auto", "true", "false"), help="default: auto (GPU when the cluster has one)")
     run.add_argument("--storage-path", default=os.environ.get("DKD_STORAGE_PATH", "runs"),
-                     help="where checkpoints, the knowledge bank and run files go: a local folder, NFS or s3:// "
+                     help="where checkpoints, the knowledge bank and run files go: a local folder or NFS (s3:// "
+                          "only when every worker runs on the driver's node) "
                           "(default: %(default)s)")
     run.add_argument("--experiment", default="",
                      help="MLflow experiment (default: dkd-ray/<dataset>); tracking URI from MLFLOW_TRACKING_URI, "
