@@ -20,7 +20,6 @@ from torch import nn
 
 from dkd_ray.config import Config
 from dkd_ray.train.checkpoint import TrainingState, load_checkpoint, save_checkpoint
-from dkd_ray.train.common import equalize_batch_norm_statistics
 from dkd_ray.train.session import Session
 
 log = logging.getLogger(__name__)
@@ -74,7 +73,6 @@ class RunState:
         """Report ``metrics`` with a checkpoint (a barrier: every rank calls it). Rank 0 writes
         the training state; ``add_files(directory)`` adds files next to it (on every rank when
         ``every_rank_writes``, else on rank 0)."""
-        equalize_batch_norm_statistics(self.model, self.session.world_size)  # rank 0's copy is saved
         writes = self.session.is_main or every_rank_writes
         with tempfile.TemporaryDirectory(prefix="dkd-ckpt-") as tmp:
             directory = Path(tmp)
