@@ -9,7 +9,7 @@ Presets:
 - ``cuhk_sysu`` / ``prw``: the real recipe (ResNet-50 from ImageNet weights, 900x1500 scenes, GPU).
 - ``synthetic``: the real recipe's structure sized for the synthetic demo data.
 - ``cpu-small``: small backbone, small images, random init: tests and the CPU demo.
-Values not given by the paper are this project's defaults (METHOD.md), explored by Tune.
+Values not given by the paper are this project's defaults (docs/METHOD.md), explored by Tune.
 """
 
 from __future__ import annotations
@@ -30,12 +30,18 @@ class ConfigError(ValueError):
 class DataConfig:
     dataset: str = "cuhk_sysu"  # cuhk_sysu | prw | synthetic (synthetic CUHK-SYSU layout)
     root: str = ""  # dataset folder; empty: synthetic data is generated under the work dir
-    synthetic_preset: str = "small"  # tiny | small: used when dataset == synthetic
+    synthetic_preset: str = "small"  # tiny | small | learning (bench/learning.py): when dataset == synthetic
     short_side: int = 900  # scene resize: short side ...
     max_side: int = 1500  # ... and long side at most
     flip_prob: float = 0.5
     loader_workers: int = 2  # DataLoader processes per training worker
     validation_fraction: float = 0.0  # identity-disjoint hold-out of training identities (Tune)
+    # How PRW boxes are read (PRW only: SeqNet reads CUHK-SYSU as we do). exact (correct):
+    # sub-pixel [x y w h] -> [x1 y1 x2 y2], clipped to the frame, zero-area boxes dropped.
+    # seqnet: as SeqNet/COAT read them, to compare with their published PRW tables: integer
+    # pixels, x y w h clamped at 0 before adding w h (queries: added, truncated, then clamped),
+    # not clipped to the frame, zero-area boxes kept (dropped from the training split only).
+    box_rule: str = "exact"
 
 
 @dataclass
@@ -49,12 +55,19 @@ class TeacherConfig:
     triplet_margin: float = 0.3
     p_identities: int = 16  # P x K batches
     k_instances: int = 4
-    lr: float = 3.5e-4  # Adam, for the global batch P*K (scaled linearly with workers)
+    lr: float = 3.5e-4  # Adam, for one worker's P*K batch (BoT); see lr_scaling for N workers
+    # How the LR grows with N workers (N*P*K crops a step): sqrt (default: the square-root rule
+    # for Adam, whose step size does not grow with the gradient's scale), linear, or none.
+    lr_scaling: str = "sqrt"
     weight_decay: float = 5e-4
     epochs: int = 120
-    warmup_epochs: int = 10
+    warmup_epochs: int = 10  # linear from 1 % of the LR (BoT)
     lr_steps: tuple[int, ...] = (40, 70)
-    random_erasing: float = 0.5
+    # What one epoch is: "crops" (BoT's RandomIdentitySampler: every training crop about once,
+    # in K-groups) or "identities" (one K-group per identity: an epoch ~ #ids*K crops).
+    epoch_unit: str = "crops"
+    random_erasing: float = 0.5  # probability; BoT: area 2-40 %, aspect 0.3-3.3, filled with the mean
+    pad: int = 10  # BoT: pad each crop by this many pixels, then crop back at random; 0 disables
     isa_strength: float = 0.2  # box jitter strength for ISA crops; 0 disables ISA
 
 
@@ -62,11 +75,16 @@ class TeacherConfig:
 class StudentConfig:
     backbone: str = "resnet50"
     backbone_weights: str = "imagenet"
+    # batch: trainable BatchNorm, only the stem conv1/bn1 frozen (SeqNet, on ImageNet weights);
+    # frozen: FrozenBatchNorm2d everywhere (torchvision detection's default). From a random init
+    # (backbone_weights=none) BatchNorm is always trained.
+    norm: str = "batch"
     embedding_dim: int = 256
     anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # RPN anchors (pixels), aspect ratios 0.5/1/2
     roi_output_size: int = 14  # RoIAlign output on C4, before res5 (OIM/SeqNet: 14)
     oim_scalar: float = 30.0
     oim_momentum: float = 0.5
+    oim_update: str = "sample"  # sample: one momentum step per sample, in order (OIM/SeqNet); mean: per identity
     oim_queue_size: int = 5000
     fsa_strength: float = 0.2  # box jitter strength for FSA RoIs; 0 disables FSA
     fsa_num: int = 2  # jittered copies per labelled ground-truth box
@@ -82,8 +100,9 @@ class StudentConfig:
     lr: float = 0.003  # SGD, for batch_size images; scaled linearly with the global batch
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    epochs: int = 20
-    warmup_iters: int = 1000
+    epochs: int = 20  # SeqNet: 20 on CUHK-SYSU, 18 on PRW
+    warmup_epochs: float = 1.0  # linear warm-up over the whole first epoch (SeqNet) ...
+    warmup_factor: float = 0.001  # ... starting from this fraction of the LR (SeqNet: 1/1000)
     lr_steps: tuple[int, ...] = (16,)
     lr_gamma: float = 0.1
 
@@ -97,6 +116,15 @@ class DistillConfig:
     temperature: float = 4.0  # T of the probability-aware KD (loss scaled by T^2)
     contrastive_temperature: float = 0.1  # tau of the triplet-wise (cross-model contrastive) KD
     use_bank: bool = True  # False: online teacher forward (roi_align crops of the image batch)
+    # Which student rows are distilled: "gt" (the paper: the exact labelled ground-truth boxes) or
+    # "matched" (also every foreground proposal matched to a labelled box and the FSA copies, each
+    # with the teacher's view of its box).
+    rows: str = "gt"
+    # The triplet-wise term's keys: "batch" (the paper: the teacher embeddings of the batch's
+    # labelled boxes) or "prototypes" (the teacher's mean embedding of every training identity,
+    # from the knowledge bank: one positive and K-1 negatives per anchor).
+    contrast: str = "batch"
+    ramp_epochs: float = 0.0  # KD weights ramp linearly from 0 over this many epochs (0: full from the start)
 
 
 @dataclass
@@ -188,15 +216,25 @@ class Config:
         d, t, s, k, tr = self.data, self.teacher, self.student, self.distill, self.train
         _check(d.dataset in ("cuhk_sysu", "prw", "synthetic"), "data.dataset", d.dataset,
                "one of cuhk_sysu, prw, synthetic")
-        _check(d.synthetic_preset in ("tiny", "small"), "data.synthetic_preset", d.synthetic_preset, "tiny or small")
+        _check(d.synthetic_preset in ("tiny", "small", "learning"), "data.synthetic_preset", d.synthetic_preset,
+               "tiny, small or learning")
         _check(0 < d.short_side <= d.max_side, "data.short_side", d.short_side, "0 < short_side <= max_side")
         _check(0.0 <= d.flip_prob <= 1.0, "data.flip_prob", d.flip_prob, "in [0, 1]")
         _check(0.0 <= d.validation_fraction < 1.0, "data.validation_fraction", d.validation_fraction, "in [0, 1)")
+        _check(d.box_rule in ("exact", "seqnet"), "data.box_rule", d.box_rule, "exact or seqnet")
         for name, cfg in (("teacher", t), ("student", s)):
             _check(cfg.backbone in BACKBONES, f"{name}.backbone", cfg.backbone, f"one of {BACKBONES}")
             _check(cfg.lr > 0, f"{name}.lr", cfg.lr, "> 0")
             _check(cfg.epochs > 0, f"{name}.epochs", cfg.epochs, "> 0")
         _check(t.isa_strength >= 0, "teacher.isa_strength", t.isa_strength, ">= 0")
+        _check(t.lr_scaling in LR_SCALING, "teacher.lr_scaling", t.lr_scaling, f"one of {LR_SCALING}")
+        _check(t.epoch_unit in ("crops", "identities"), "teacher.epoch_unit", t.epoch_unit, "crops or identities")
+        _check(0.0 <= t.random_erasing <= 1.0, "teacher.random_erasing", t.random_erasing, "in [0, 1]")
+        _check(t.pad >= 0, "teacher.pad", t.pad, ">= 0")
+        _check(s.norm in ("batch", "frozen"), "student.norm", s.norm, "batch or frozen")
+        _check(s.oim_update in ("sample", "mean"), "student.oim_update", s.oim_update, "sample or mean")
+        _check(s.warmup_epochs >= 0, "student.warmup_epochs", s.warmup_epochs, ">= 0")
+        _check(0.0 < s.warmup_factor <= 1.0, "student.warmup_factor", s.warmup_factor, "in (0, 1]")
         _check(t.p_identities >= 2 and t.k_instances >= 2, "teacher.p_identities",
                (t.p_identities, t.k_instances), "P >= 2 and K >= 2 (triplet loss needs both)")
         _check(s.fsa_strength >= 0, "student.fsa_strength", s.fsa_strength, ">= 0")
@@ -210,6 +248,11 @@ class Config:
         for key in ("prob_weight", "pair_weight", "tri_weight"):
             _check(getattr(k, key) >= 0, f"distill.{key}", getattr(k, key), ">= 0")
         _check(k.temperature > 0, "distill.temperature", k.temperature, "> 0")
+        _check(k.rows in ("gt", "matched"), "distill.rows", k.rows, "gt or matched")
+        _check(k.contrast in ("batch", "prototypes"), "distill.contrast", k.contrast, "batch or prototypes")
+        _check(k.contrast == "batch" or k.use_bank, "distill.contrast", k.contrast,
+               "batch with the online teacher (prototypes come from the knowledge bank)")
+        _check(k.ramp_epochs >= 0, "distill.ramp_epochs", k.ramp_epochs, ">= 0")
         _check(k.contrastive_temperature > 0, "distill.contrastive_temperature", k.contrastive_temperature, "> 0")
         _check(tr.num_workers >= 1, "train.num_workers", tr.num_workers, ">= 1")
         _check(tr.use_gpu in ("auto", "true", "false"), "train.use_gpu", tr.use_gpu, "auto, true or false")
@@ -219,6 +262,7 @@ class Config:
 
 
 BACKBONES = ("resnet18", "resnet34", "resnet50")
+LR_SCALING = ("sqrt", "linear", "none")
 _SECTIONS = ("data", "teacher", "student", "distill", "train", "eval")
 
 
@@ -271,6 +315,7 @@ def _cpu_small(cfg: Config) -> Config:
         model.backbone, model.backbone_weights = "resnet18", "none"
     t = cfg.teacher
     t.input_height, t.input_width = 128, 64
+    t.pad = 5  # BoT's 10 px at 256x128, at half the size
     t.p_identities, t.k_instances = 8, 4
     t.lr, t.epochs, t.warmup_epochs, t.lr_steps = 1e-3, 24, 2, (16,)
     s = cfg.student
@@ -281,7 +326,7 @@ def _cpu_small(cfg: Config) -> Config:
     s.rpn_pre_nms_top_n_test, s.rpn_post_nms_top_n_test = 300, 100
     s.roi_output_size = 7  # res5 on 14x14 RoIs dominates a CPU step; 7x7 is 4x cheaper
     s.box_batch_size_per_image, s.detections_per_img = 32, 50
-    s.batch_size, s.lr, s.epochs, s.warmup_iters, s.lr_steps = 4, 0.01, 8, 50, (6,)
+    s.batch_size, s.lr, s.epochs, s.lr_steps = 4, 0.01, 8, (6,)
     # Chosen on the validation split by search_spaces/cpu_small_prob_weight.yaml (RESULTS.md): from a
     # random init, lambda_prob = 1 at T = 4 swamps OIM (val mAP 8.1 %), 0.1 gives 15.4 %.
     cfg.distill.prob_weight = 0.1
@@ -293,6 +338,7 @@ def _cpu_small(cfg: Config) -> Config:
 def _prw(cfg: Config) -> Config:
     cfg.data.dataset = "prw"
     cfg.student.oim_queue_size = 500
+    cfg.student.epochs = 18  # SeqNet's PRW recipe (LR step at 16 as on CUHK-SYSU)
     return cfg
 
 

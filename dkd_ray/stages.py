@@ -54,6 +54,13 @@ def _checkpoint_dir(result) -> Path:
     return Path(result.checkpoint.to_directory(tempfile.mkdtemp(prefix="dkd-final-")))
 
 
+def worker_teacher_ref(ref: str) -> str:
+    """``ref`` as a Ray worker can load it: a local path made absolute (workers run in another
+    folder); MLflow URIs and run ids unchanged (the loop config carries the driver's MLflow URI)."""
+    local = Path(ref).expanduser() if ref else None
+    return str(local.resolve()) if local is not None and local.exists() else ref
+
+
 def _tracker(cfg: Config, job: str, experiment: str, run_name: str, parent_run_id: str | None = None):
     from dkd_ray.tracking import Tracker
 
@@ -69,17 +76,29 @@ def _mlflow_settings(tracker, cfg: Config, job: str) -> dict[str, Any]:
             "experiment": tracker.experiment}
 
 
+def _fit_or_fail(tracker, loop, loop_config: dict[str, Any], cfg: Config, run_name: str, storage_path):
+    """``fit`` a training loop; if it fails, its MLflow run is marked FAILED with the reason (a
+    failed run must never look like one still running, nor be registered)."""
+    from dkd_ray.train.runner import fit
+
+    try:
+        return fit(loop, loop_config, cfg, name=run_name, storage_path=storage_path)
+    except BaseException as error:
+        tracker.set_tags({"failure": f"{type(error).__name__}: {error}"[:4000]})
+        tracker.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
+
+
 def train_teacher_stage(cfg: Config, data_root: Path, *, storage_path: str | Path, experiment: str,
                         run_name: str, parent_run_id: str | None = None, register: bool = True) -> StageResult:
     """Train the teacher, evaluate it on ground truth, build the bank, log and (unless
     ``register`` is False) register it."""
-    from dkd_ray.train.runner import fit
     from dkd_ray.train.teacher_loop import train_teacher
 
     tracker = _tracker(cfg, "train_teacher", experiment, run_name, parent_run_id)
     loop_config = {"config": cfg.to_dict(), "data_root": str(data_root), "run_name": run_name,
                    "mlflow": _mlflow_settings(tracker, cfg, "train_teacher")}
-    result = fit(train_teacher, loop_config, cfg, name=run_name, storage_path=storage_path)
+    result = _fit_or_fail(tracker, train_teacher, loop_config, cfg, run_name, storage_path)
     checkpoint = _checkpoint_dir(result)
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
     stage = StageResult("teacher", checkpoint, metrics, run_id=tracker.run_id)
@@ -125,11 +144,14 @@ def resolve_bank(cfg: Config, teacher_ref: str, data_root: Path, *, storage_path
         bank = registered_version_tags(teacher_ref).get("knowledge_bank")
         if bank and Path(bank).is_dir():
             return Path(bank)
+    from dkd_ray.tracking import tracking_uri
     from dkd_ray.train.bank_loop import build_bank
     from dkd_ray.train.runner import fit
 
     log.info("no knowledge bank recorded for %s: building it on the cluster", teacher_ref)
-    result = fit(build_bank, {"config": cfg.to_dict(), "data_root": str(data_root), "teacher_ref": teacher_ref},
+    # tracking_uri: a models:/ URI or run id resolves on the workers against the driver's MLflow.
+    result = fit(build_bank, {"config": cfg.to_dict(), "data_root": str(data_root),
+                              "teacher_ref": worker_teacher_ref(teacher_ref), "tracking_uri": tracking_uri()},
                  cfg, name=f"{run_name}-bank", storage_path=storage_path)
     return _checkpoint_dir(result) / BANK_DIR
 
@@ -141,20 +163,19 @@ def train_student_stage(cfg: Config, data_root: Path, *, teacher_ref: str, bank_
     and register it."""
     from dkd_ray.data import load_annotations
     from dkd_ray.train.evaluation import EvaluationArrays
-    from dkd_ray.train.runner import fit
     from dkd_ray.train.student_loop import train_student
 
     tracker = _tracker(cfg, "train_student", experiment, run_name)
     tracker.set_tags({"teacher": teacher_ref})
-    loop_config = {"config": cfg.to_dict(), "data_root": str(data_root), "teacher_ref": teacher_ref,
+    loop_config = {"config": cfg.to_dict(), "data_root": str(data_root), "teacher_ref": worker_teacher_ref(teacher_ref),
                    "bank_path": str(bank_path) if bank_path else "", "run_name": run_name,
                    "mlflow": _mlflow_settings(tracker, cfg, "train_student")}
-    result = fit(train_student, loop_config, cfg, name=run_name, storage_path=storage_path)
+    result = _fit_or_fail(tracker, train_student, loop_config, cfg, run_name, storage_path)
     checkpoint = _checkpoint_dir(result)
     stage = StageResult("student", checkpoint, {}, run_id=tracker.run_id)
     tracker.set_tags({"checkpoint": str(checkpoint)})
 
-    annotations = load_annotations(_layout(cfg), data_root)
+    annotations = load_annotations(_layout(cfg), data_root, box_rule=cfg.data.box_rule)
     if cfg.data.validation_fraction > 0:  # the run was evaluated on its validation view
         from dkd_ray.data.splits import validation_split
 
@@ -212,7 +233,7 @@ def evaluate_model_stage(cfg: Config, data_root: Path, model_ref: str, role: str
 
 
 def two_step_reference(cfg: Config, annotations, arrays, teacher_ref: str) -> dict[str, float]:
-    """The same protocol with the teacher's embeddings of the student's detections (EVALUATION.md)."""
+    """The same protocol with the teacher's embeddings of the student's detections (docs/EVALUATION.md)."""
     import torch
 
     from dkd_ray.eval.arrays import Detections

@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="benchmark layout (synthetic: the CUHK-SYSU layout of jobs/make_synthetic.py)")
     data.add_argument("--data-root", required=True, type=Path,
                       help="the dataset folder as unpacked (CUHK-SYSU/ or PRW/)")
+    data.add_argument("--box-rule", choices=("exact", "seqnet"),
+                      help="how PRW boxes are read (data.box_rule): exact, or seqnet as SeqNet/COAT "
+                           "read them, to compare with their published PRW tables (default: the "
+                           "model's config with --model, else exact; CUHK-SYSU: no effect)")
 
     arrays = parser.add_argument_group("saved arrays (what to evaluate)")
     arrays.add_argument("--detections", type=Path,
@@ -129,15 +133,17 @@ def save_model_arrays(args: argparse.Namespace) -> None:
     overrides = {"data.dataset": args.dataset, "data.root": str(args.data_root.resolve()),
                  "eval.score_threshold": args.score_threshold, "train.num_workers": args.num_workers,
                  "train.use_gpu": args.use_gpu}
-    overrides.update({k: v for k, v in (("data.short_side", args.short_side), ("data.max_side", args.max_side)) if v})
+    overrides.update({k: v for k, v in (("data.short_side", args.short_side), ("data.max_side", args.max_side),
+                                        ("data.box_rule", args.box_rule)) if v})
     cfg.apply_overrides(overrides)
+    args.box_rule = cfg.data.box_rule  # the saved arrays' queries are this rule's boxes
     init_ray()
     storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
     log.info("evaluating %s on the test split with %d worker(s)", args.model, cfg.train.num_workers)
     _, checkpoint = evaluate_model_stage(cfg, args.data_root, args.model, "student", storage_path=storage,
                                          run_name=f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}")
     arrays = EvaluationArrays.load(checkpoint / "evaluation")
-    annotations = load_annotations(_layout(args.dataset), args.data_root)
+    annotations = load_annotations(_layout(args.dataset), args.data_root, box_rule=args.box_rule)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     args.detections, args.queries = args.output_dir / "gallery.npz", args.output_dir / "queries.npz"
     arrays.gallery.save(args.detections, image_names=annotations.images.name)
@@ -154,7 +160,7 @@ def log_to_mlflow(args: argparse.Namespace, report: EvaluationReport) -> None:
                       tags={"model": args.model or "", "teacher": args.teacher or ""})
     tracker.start()
     tracker.log_params({"model": args.model, "teacher": args.teacher, "cbgm": args.cbgm,
-                        "score_threshold": args.score_threshold})
+                        "score_threshold": args.score_threshold, "box_rule": args.box_rule or "exact"})
     tracker.log_metrics(report.metrics)
     tracker.log_artifacts(args.output_dir, "evaluation")
     tracker.end()
@@ -168,7 +174,7 @@ def evaluate_saved_arrays(args: argparse.Namespace) -> EvaluationReport:
     from dkd_ray.eval.cbgm import CBGMConfig
 
     log.info("loading %s annotations from %s", args.dataset, args.data_root)
-    annotations = load_annotations(_layout(args.dataset), args.data_root)
+    annotations = load_annotations(_layout(args.dataset), args.data_root, box_rule=args.box_rule or "exact")
     names = annotations.images.name
     gallery = Detections.load(args.detections, image_names=names)
     query_embeddings = load_query_embeddings(

@@ -30,6 +30,30 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+LEARNING_RESULTS = Path(__file__).resolve().parents[1] / "bench" / "RESULTS_learning.json"
+
+
+def no_kd_twin_line(cfg, results: Path = LEARNING_RESULTS) -> str:
+    """How a student of this preset compares with its no-KD twin, from the learning benchmark's
+    measured table (bench/learning.py, several seeds); empty when it has no such row. One demo
+    run cannot say it: its one seed is within the seed-to-seed spread."""
+    import json
+
+    try:
+        facts = json.loads(results.read_text())
+        if facts.get("preset") != cfg.preset:
+            return ""
+        variants, paired, head = facts["variants"], facts["paired"]["all"], facts["head"]
+        nokd, dkd = variants["nokd"]["mAP"], variants["all"]["mAP"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    seeds = len(paired["seeds"])
+    return (f"\nDKD against its no-KD twin ({cfg.preset} recipe, bench/learning.py over {seeds} seeds on "
+            f"synthetic data, RESULTS.md): {head} mAP {100 * dkd[0]:.1f} ± {100 * dkd[1]:.1f} with all KD "
+            f"terms vs {100 * nokd[0]:.1f} ± {100 * nokd[1]:.1f} without, paired difference "
+            f"{100 * paired['mean']:+.1f} ± {100 * paired['std']:.1f} points. This run's own figure above is one seed.")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     cfg = config_from_args(args)
@@ -45,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     data_root, storage = prepare_driver(args, cfg)
     name = f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}"
     if not args.skip_validation:
-        report = validate_dataset(dataset_layout(cfg), data_root)
+        report = validate_dataset(dataset_layout(cfg), data_root, box_rule=cfg.data.box_rule)
         print(report.format_summary())
         if not report.ok:
             for problem in report.errors:
@@ -60,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
                                   output_dir=output)
     minutes = (time.perf_counter() - started) / 60
     print("\n" + format_metrics_table(student.metrics))
+    twin = no_kd_twin_line(cfg)
+    if twin:
+        print(twin)
     print(f"\npipeline finished in {minutes:.1f} min")
     print(f"  teacher: MLflow run {teacher.run_id}, registered dkd-teacher-{cfg.data.dataset} v{teacher.registered_version}")
     print(f"  student: MLflow run {student.run_id}, registered dkd-student-{cfg.data.dataset} v{student.registered_version}")

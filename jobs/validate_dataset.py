@@ -30,6 +30,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="which benchmark layout the folder has")
     parser.add_argument("--data-root", required=True, type=Path,
                         help="the dataset folder as unpacked (e.g. .../CUHK-SYSU or .../PRW)")
+    parser.add_argument("--box-rule", choices=("exact", "seqnet"), default="exact",
+                        help="how PRW boxes are read (data.box_rule): exact (default), or seqnet as "
+                             "SeqNet/COAT read them (CUHK-SYSU: no effect)")
     parser.add_argument("--no-images", action="store_true",
                         help="skip decoding every image (annotations and image headers only)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
@@ -46,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --data-root {args.data_root} is not a folder", file=sys.stderr)
         return 2
     report = validate_dataset(args.dataset, args.data_root, check_images=not args.no_images,
-                              workers=args.workers,
+                              workers=args.workers, box_rule=args.box_rule,
                               progress=None if args.quiet else print_progress)
     for problem in report.problems:
         print(problem)

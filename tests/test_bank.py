@@ -265,3 +265,19 @@ def test_online_teacher_batched_tensor_equals_list_and_stays_frozen():
     assert math.isclose(emb_list.norm(dim=1).mean().item(), 1.0, rel_tol=1e-5)
     empty_emb, empty_logits = online(images, [torch.zeros(0, 4), torch.zeros(0, 4)])
     assert empty_emb.shape == (0, DIM) and empty_logits.shape == (0, CLASSES)
+
+
+def test_identity_prototypes_are_normalised_means_over_both_flips():
+    import torch
+
+    from dkd_ray.distill.bank import KnowledgeBank
+
+    emb = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 1.0]])
+    bank = KnowledgeBank(image_index=torch.zeros(4, dtype=torch.long), box_index=torch.tensor([0, 0, 1, 2]),
+                         flipped=torch.tensor([False, True, False, False]), embedding=emb,
+                         logits=torch.zeros(4, 3), metadata={})
+    box_pids = torch.tensor([0, 0, -1])  # boxes 0 and 1: identity 0; box 2 not a training identity
+    prototypes = bank.identity_prototypes(box_pids, num_classes=2)
+    # Identity 0: mean of (1,0), (0,1), (0,1) -> direction (1, 2); identity 1: no rows -> zero.
+    torch.testing.assert_close(prototypes[0], torch.tensor([1.0, 2.0]) / 5 ** 0.5)
+    torch.testing.assert_close(prototypes[1], torch.zeros(2))

@@ -174,3 +174,40 @@ def test_per_rank_rng_files(tmp_path):
     assert restore_rank_rng(tmp_path, rank=1) is True
     assert _draws() == expected
     assert restore_rank_rng(tmp_path, rank=2) is False
+
+
+class _SharedFolderSession:
+    """Two ranks reporting into one checkpoint folder, as Ray Train merges every rank's files."""
+
+    def __init__(self, root, rank):
+        self.root, self.rank, self.world_size, self.is_main = root, rank, 2, rank == 0
+
+    def latest_checkpoint(self):
+        return self.root / "latest" if (self.root / "latest").exists() else None
+
+    def report(self, metrics, checkpoint_dir=None, name=None):
+        import shutil
+
+        if checkpoint_dir is not None:
+            shutil.copytree(checkpoint_dir, self.root / "latest", dirs_exist_ok=True)
+
+
+def test_each_rank_resumes_its_own_rng_stream(tmp_path):
+    """After a restart every rank continues its own random stream, not rank 0's."""
+    from dkd_ray.train.state import Progress, RunState
+
+    cfg = preset("cpu-small")
+    streams = {}
+    for rank in (1, 0):  # rank 0 last: its training state is the one in state.pt
+        torch.manual_seed(100 + rank), np.random.seed(100 + rank), random.seed(100 + rank)
+        model = _small_net()
+        run = RunState("teacher", 3, cfg, _SharedFolderSession(tmp_path, rank), model, None, None, None, Progress())
+        run.checkpoint({"phase": "teacher"})
+        streams[rank] = _draws()  # what this rank would draw next
+    for rank in (0, 1):
+        torch.manual_seed(7), np.random.seed(7), random.seed(7)  # a fresh process after the restart
+        run = RunState("teacher", 3, cfg, _SharedFolderSession(tmp_path, rank), _small_net(), None, None, None,
+                       Progress())
+        run.resume()
+        assert _draws() == streams[rank], f"rank {rank} did not get its own stream back"
+    assert streams[0] != streams[1]

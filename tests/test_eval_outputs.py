@@ -120,7 +120,7 @@ def test_job_evaluates_saved_arrays(tmp_path, monkeypatch, capsys):
     ann, dets = cuhk_case()
     loaded = []
     monkeypatch.setattr(dkd_ray.data, "load_annotations",
-                        lambda dataset, root: loaded.append((dataset, root)) or ann, raising=False)
+                        lambda dataset, root, **kw: loaded.append((dataset, root)) or ann, raising=False)
     names = ann.images.name
     dets_path = dets.save(tmp_path / "gallery.parquet", image_names=names)
     queries_path = save_query_embeddings(tmp_path / "queries.npz", QUERY[None], names[ann.queries.image_index])
@@ -141,7 +141,7 @@ def test_job_reports_a_bad_file_clearly(tmp_path, monkeypatch, capsys):
     import dkd_ray.data
 
     ann, _ = cuhk_case()
-    monkeypatch.setattr(dkd_ray.data, "load_annotations", lambda dataset, root: ann, raising=False)
+    monkeypatch.setattr(dkd_ray.data, "load_annotations", lambda dataset, root, **kw: ann, raising=False)
     code = load_job().main(["--dataset", "cuhk_sysu", "--data-root", str(tmp_path),
                             "--detections", str(tmp_path / "missing.npz"), "--queries", str(tmp_path / "q.npz")])
     assert code == 2

@@ -331,7 +331,7 @@ def random_world(dataset: str, seed: int, n_images: int = 40, n_people: int = 8)
 
 
 def brute_force(ann, dets, qe, protocol, size=None, threshold=0.5):
-    """EVALUATION.md, literally: per query, per gallery image, per detection."""
+    """docs/EVALUATION.md, literally: per query, per gallery image, per detection."""
     images, queries = ann.images, ann.queries
     test = [i for i in range(len(images)) if images.split[i] == "test"]
     aps, first_ranks = [], []

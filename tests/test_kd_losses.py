@@ -223,3 +223,29 @@ def test_distillation_loss_is_float32_under_autocast():
         assert value.dtype == torch.float32
         # A bfloat16 projection under autocast would be off by ~1e-3 relative here.
         assert value.item() == pytest.approx(reference[key].item(), rel=1e-6)
+
+
+def test_triplet_with_separate_keys_hand_computed():
+    # Three keys (identity prototypes) (1,0), (0,1), (-1,0) with identities 0, 1, 2; tau = 1.
+    # Anchor (1,0) of identity 0: logits (1, 0, -1), loss -log(e / (e + 1 + 1/e)).
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    anchor = torch.tensor([[1.0, 0.0]])
+    expected = -math.log(math.e / (math.e + 1 + 1 / math.e))
+    loss = triplet_relation_kd(anchor, keys, torch.tensor([0]), 1.0, key_pids=torch.tensor([0, 1, 2]))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="no key of their identity"):
+        triplet_relation_kd(anchor, keys, torch.tensor([5]), 1.0, key_pids=torch.tensor([0, 1, 2]))
+
+
+def test_distillation_loss_prototype_keys():
+    cfg = DistillConfig(prob_weight=0, pair_weight=0, contrast="prototypes", contrastive_temperature=1.0)
+    loss = DistillationLoss(cfg, 2, 2)
+    with pytest.raises(ValueError, match="set_prototypes"):
+        loss(torch.randn(1, 2), None, torch.randn(1, 2), None, torch.tensor([0]))
+    loss.set_prototypes(torch.tensor([[2.0, 0.0], [0.0, 3.0], [-1.0, 0.0]]))  # normalised on the way in
+    with torch.no_grad():
+        loss.projection.weight.copy_(torch.eye(2))
+        loss.projection.bias.zero_()
+    out = loss(torch.tensor([[1.0, 0.0]]), None, torch.randn(1, 2), None, torch.tensor([0]))
+    assert out["loss_kd_tri"].item() == pytest.approx(-math.log(math.e / (math.e + 1 + 1 / math.e)), rel=1e-6)
+    assert "prototypes" not in loss.state_dict()  # rebuilt from the bank, never saved with the model

@@ -28,17 +28,50 @@ def test_loss_hand_computed():
 
 
 def test_momentum_update_hand_computed():
+    """One momentum step per sample, in batch order (OIM / SeqNet)."""
     oim = OIMLoss(2, num_labelled=3, queue_size=4, momentum=0.5).train()
-    # Step 1, id 0 seen twice: batch mean (.5, .5); lut[0] = normalise(.5 * 0 + .5 * (.5, .5)).
+    # Step 1, id 0 seen twice: lut[0] = normalise(.5 * 0 + .5 * (1, 0)) = (1, 0), then
+    # normalise(.5 * (1, 0) + .5 * (0, 1)) = (r, r); id 2 once: (0, 1).
     oim(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]), torch.tensor([0, 0, 2]))
     r = 1 / math.sqrt(2)
     torch.testing.assert_close(oim.lut, torch.tensor([[r, r], [0.0, 0.0], [0.0, 1.0]]))
-    # Step 2: lut[0] = normalise(.5 * (r, r) + .5 * (1, 0)); id 1 and 2 untouched.
-    oim(torch.tensor([[1.0, 0.0]]), torch.tensor([0]))
-    mixed = torch.tensor([0.5 * r + 0.5, 0.5 * r])
-    torch.testing.assert_close(oim.lut[0], mixed / mixed.norm())
+    # Step 2, id 0 seen three times: (r, r) -> (1, 0) pulls it to a, then (1, 0) to b, then (0, 1) to c.
+    oim(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0, 0]))
+    expected = torch.tensor([r, r])
+    for x in ([1.0, 0.0], [1.0, 0.0], [0.0, 1.0]):
+        expected = 0.5 * expected + 0.5 * torch.tensor(x)
+        expected = expected / expected.norm()
+    torch.testing.assert_close(oim.lut[0], expected)
     torch.testing.assert_close(oim.lut[1:], torch.tensor([[0.0, 0.0], [0.0, 1.0]]))
     assert int(oim.queue_ptr) == 0 and oim.queue.abs().sum() == 0  # nothing unlabelled yet
+
+
+def test_per_sample_update_equals_the_sequential_loop():
+    """The vectorised rounds give exactly what SeqNet's per-sample loop gives, in any order."""
+    torch.manual_seed(0)
+    oim = OIMLoss(8, num_labelled=5, queue_size=4, momentum=0.5).train()
+    oim.lut.copy_(torch.nn.functional.normalize(torch.randn(5, 8), dim=1))
+    lut = oim.lut.clone()
+    x = torch.nn.functional.normalize(torch.randn(40, 8), dim=1)
+    pids = torch.randint(-1, 5, (40,))
+    oim(x, pids)
+    for feature, y in zip(x, pids.tolist()):
+        if y >= 0:
+            lut[y] = 0.5 * lut[y] + 0.5 * feature
+            lut[y] /= lut[y].norm()
+    torch.testing.assert_close(oim.lut, lut)
+
+
+def test_mean_update_option_hand_computed():
+    oim = OIMLoss(2, num_labelled=3, queue_size=4, momentum=0.5, update="mean").train()
+    # id 0 seen twice: batch mean (.5, .5); lut[0] = normalise(.5 * 0 + .5 * (.5, .5)).
+    oim(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]), torch.tensor([0, 0, 2]))
+    r = 1 / math.sqrt(2)
+    torch.testing.assert_close(oim.lut, torch.tensor([[r, r], [0.0, 0.0], [0.0, 1.0]]))
+    oim(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]))  # mean (.5, .5): stays (r, r)
+    torch.testing.assert_close(oim.lut[0], torch.tensor([r, r]))
+    with pytest.raises(ValueError, match="OIM update"):
+        OIMLoss(2, 3, 4, update="batch")
 
 
 def test_queue_wraps_around():

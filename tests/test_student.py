@@ -77,7 +77,8 @@ def test_train_forward_returns_every_loss_and_the_gt_dict():
     assert gt["embeddings"].shape == (5, model.embedding_dim) == (5, 128)
     torch.testing.assert_close(gt["embeddings"].norm(dim=1), torch.ones(5))
     assert gt["oim_logits"].shape == (5, NUM_IDS)
-    assert set(gt) == {"boxes", "pids", "box_index", "flipped", "image_index", "embeddings", "oim_logits"}
+    assert set(gt) == {"boxes", "pids", "box_index", "flipped", "image_index", "embeddings", "oim_logits",
+                       "matched_embeddings", "matched_oim_logits", "matched_rows"}
     assert labelled_ground_truth(targets)["box_index"].tolist() == gt["box_index"].tolist()
 
     sum(losses.values()).backward()
@@ -221,3 +222,98 @@ def test_a_few_steps_on_two_drawn_scenes_drive_every_loss_down():
     assert last["loss_box_classifier"] < 0.6 * first["loss_box_classifier"]
     assert last["loss_box_reg"] < 0.75 * first["loss_box_reg"]
     assert last["loss_oim"] < 0.5 * first["loss_oim"]
+
+
+def test_anchors_and_boxes_stay_float32_under_bf16_autocast_with_trainable_batch_norm():
+    """Trainable BatchNorm keeps the C4 map in bf16 under autocast; anchors (and so proposals and
+    the decoded boxes) must still be float32, or pixels go missing at 1500 px."""
+    model = small_student().eval()
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
+    seen = {}
+
+    def record(name, dtype):  # a hook must return None, or it replaces the module's output
+        seen.setdefault(name, dtype)
+
+    model.backbone.register_forward_hook(lambda m, i, out: record("features", out.dtype))
+    model.rpn.anchor_generator.register_forward_hook(lambda m, i, out: record("anchors", out[0].dtype))
+    images, _ = two_scenes()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        detections = model(images)
+    assert seen["features"] == torch.bfloat16  # else this test would prove nothing
+    assert seen["anchors"] == torch.float32
+    assert all(d["boxes"].dtype == torch.float32 for d in detections)
+
+
+def test_student_norm_option_on_pretrained_and_random_trunks(tmp_path):
+    """SeqNet's choice (trainable BN, stem frozen) by default on pretrained weights; the frozen
+    variant as an option; from a random init BN is always trained."""
+    from torchvision.models import resnet18
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(resnet18().state_dict(), weights)
+
+    def norms(**overrides):
+        model = small_student(**{"student.backbone_weights": str(weights), **overrides})
+        kinds = {type(m) for m in model.backbone.modules() if isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d))}
+        return model, kinds
+
+    model, kinds = norms()
+    assert kinds == {torch.nn.BatchNorm2d}
+    assert not model.backbone[0].weight.requires_grad and not model.backbone[1].weight.requires_grad  # stem
+    assert model.backbone[4][0].bn1.weight.requires_grad  # layer1 onwards trains
+    _, kinds = norms(**{"student.norm": "frozen"})
+    assert kinds == {FrozenBatchNorm2d}
+    _, kinds = norms(**{"student.norm": "frozen", "student.backbone_weights": "none"})
+    assert kinds == {torch.nn.BatchNorm2d}
+
+
+def test_matched_rows_are_every_reid_row_of_a_labelled_person_with_its_gt_row():
+    """distill.rows=matched: the exact gt boxes, each foreground proposal matched to a labelled
+    box (IoU >= 0.5 with that box) and the FSA copies, each tagged with its box's gt row."""
+    from torchvision.ops import box_iou
+
+    model = small_student(**{"student.fsa_num": 2}).train()
+    images, targets = two_scenes()
+    captured = {}
+    select = model.roi_heads.select_training_samples
+
+    def capture(proposals, internal):
+        out = select(proposals, internal)
+        captured["proposals"], captured["labels"] = out[0], out[2]
+        return out
+
+    model.roi_heads.select_training_samples = capture
+    _, gt = model(images, targets)
+    m = len(gt["pids"])
+    rows, emb = gt["matched_rows"], gt["matched_embeddings"]
+    assert m == 5 and torch.equal(rows[:m], torch.arange(m))
+    assert torch.equal(rows[-2 * m:], torch.arange(m).repeat_interleave(2))  # FSA copies
+    torch.testing.assert_close(emb[:m], gt["embeddings"])
+    assert gt["matched_oim_logits"].shape == (len(rows), NUM_IDS)
+    # The proposals in between: foreground ones matched to a labelled person, in batch order.
+    gt_boxes = torch.cat(gt["boxes"])
+    proposal_rows = rows[m:-2 * m]
+    fg = [p[l > 0] for p, l in zip(captured["proposals"], captured["labels"])]
+    image_of_row = gt["image_index"][proposal_rows]
+    assert len(proposal_rows) > 0 and bool((image_of_row[1:] >= image_of_row[:-1]).all())
+    fg_boxes = torch.cat(fg)
+    labelled = [box_iou(b, gt_boxes[gt["image_index"] == i]).max(dim=1).values >= 0.5 if len(b) else b[:, 0] > 0
+                for i, b in enumerate(fg)]
+    matched_boxes = fg_boxes[torch.cat(labelled)]
+    iou = box_iou(matched_boxes, gt_boxes)[torch.arange(len(proposal_rows)), proposal_rows]
+    assert len(matched_boxes) == len(proposal_rows) and bool((iou >= 0.5 - 1e-6).all())
+
+
+def test_distilled_student_on_matched_rows_with_prototype_keys():
+    images, targets = two_scenes()
+    torch.manual_seed(0)
+    model = build_distilled_student(small_config(**{"distill.rows": "matched", "distill.contrast": "prototypes"}),
+                                    NUM_IDS).train()
+    teacher_emb = torch.nn.functional.normalize(torch.randn(5, 512), dim=1)
+    model.distill_loss.set_prototypes(torch.randn(NUM_IDS, 512))
+    losses = model(images, targets, teacher_emb, torch.randn(5, NUM_IDS))
+    assert {"loss_kd_prob", "loss_kd_pair", "loss_kd_tri"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert model.distill_loss.projection.weight.grad is not None

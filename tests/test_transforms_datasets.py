@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dkd_ray.data.datasets import PersonCropDataset, SceneDataset, collate_scenes, labelled_box_rows, load_image
+from dkd_ray.data.datasets import (ERASE_FILL, ImageCache, PersonCropDataset, SceneDataset, collate_scenes,
+                                   labelled_box_rows, load_image, pad_and_random_crop, random_erase)
 from dkd_ray.data.samplers import PKBatchSampler, SkipBatches, scene_sampler
 from dkd_ray.data.transforms import hflip_scene, resize_scene
 from dkd_ray.distill.jitter import jitter_boxes
@@ -98,6 +99,49 @@ def test_person_crops_exact_and_isa(tmp_path):
     assert not torch.allclose(a, crop)
 
 
+def test_bot_pad_crop_and_random_erasing():
+    crop = torch.rand(3, 64, 32)
+    rng = np.random.default_rng(0)
+    shifted = [pad_and_random_crop(crop, 10, rng) for _ in range(50)]
+    assert all(s.shape == crop.shape for s in shifted)
+    # Each is the crop moved by up to 10 px with black borders: some rows or columns are zero.
+    assert any(torch.equal(s, crop) for s in shifted) or all((s == 0).any() for s in shifted)
+    assert sum(not torch.equal(s, crop) for s in shifted) > 40
+    fill = torch.tensor(ERASE_FILL)[:, None]
+    fractions = []
+    for seed in range(200):
+        erased = random_erase(crop, np.random.default_rng(seed))
+        changed = (erased != crop).any(0)
+        assert torch.allclose(erased[:, changed], fill.expand(3, int(changed.sum())))  # filled with the mean
+        fractions.append(changed.float().mean().item())
+    assert 0.015 < min(fractions) and max(fractions) < 0.45  # area 2-40 % (rounding aside)
+    assert torch.equal(random_erase(crop, np.random.default_rng(5)), random_erase(crop, np.random.default_rng(5)))
+
+
+def test_teacher_crops_are_deterministic_per_sample_with_every_augmentation(tmp_path):
+    ann = painted_scene(tmp_path, BOXES)
+    crops = PersonCropDataset(ann, crop_size=(32, 16), isa_strength=0.2, flip_prob=0.5, random_erasing=0.5,
+                              pad=4, seed=3)
+    first = [crops[i][0] for i in range(len(crops))]
+    assert all(torch.equal(a, crops[i][0]) for i, a in enumerate(first))  # any loader process, any rank
+
+
+def test_image_cache_is_bounded_in_bytes(tmp_path):
+    from PIL import Image
+
+    paths = []
+    for i in range(5):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(np.full((100, 100, 3), 40 * i, dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    cache = ImageCache(max_bytes=2 * 3 * 100 * 100)  # room for two images as uint8
+    for path in paths:
+        image = cache.get(path)
+        assert image.dtype == torch.float32 and image.shape == (3, 100, 100)
+    assert len(cache) == 2 and cache.bytes <= cache.max_bytes
+    assert cache.get(paths[-1])[0, 0, 0].item() == pytest.approx(160 / 255)
+
+
 def test_scene_sampler_shards_are_disjoint_and_reshuffled():
     data = list(range(23))
     shards = [list(scene_sampler(data, rank=r, world_size=3, seed=5)) for r in range(3)]
@@ -108,9 +152,34 @@ def test_scene_sampler_shards_are_disjoint_and_reshuffled():
     assert list(sampler) != shards[0]
 
 
+def test_pk_sampler_epoch_covers_every_crop_about_once_as_bot_does():
+    # 30 identities with 4..15 crops: 8 * 30 = 240 crops cut into 4-groups, a remainder left out.
+    counts = np.tile([4, 6, 8, 10, 15, 5], 5)
+    pids = np.repeat(np.arange(30), counts)
+    groups = int((counts // 4).sum())  # 51
+    workers = [PKBatchSampler(pids, p=4, k=4, rank=r, world_size=2, seed=3) for r in range(2)]
+    assert len(workers[0]) == len(workers[1]) == (groups // 4) // 2 == 6
+    drawn = []
+    for sampler in workers:
+        for batch in sampler:
+            ids = pids[batch].reshape(4, 4)
+            assert (ids == ids[:, :1]).all() and len(set(ids[:, 0])) == 4  # 4 identities x 4 crops
+            drawn.extend(batch)
+    assert len(drawn) == len(set(drawn)) == 6 * 2 * 16  # no crop twice in an epoch: one pass
+    # Many more iterations than one group per identity would give (30 // 4 = 7 batches).
+    old = PKBatchSampler(pids, p=4, k=4, world_size=1, seed=3, epoch_unit="identities")
+    assert len(old) == 7 and len(PKBatchSampler(pids, p=4, k=4, world_size=1, seed=3)) == 12
+    # Identities seen in proportion to their crops: the 15-crop ones three times as often as the 5s.
+    one = PKBatchSampler(pids, p=4, k=4, seed=0)
+    seen = np.concatenate([pids[b] for e in range(20) for b in (one.set_epoch(e), list(one))[1]])
+    per_identity = np.bincount(seen, minlength=30) / 20
+    assert per_identity[counts == 15].mean() > 2.5 * per_identity[counts == 5].mean()
+
+
 def test_pk_sampler_batches_disjoint_identities_across_workers():
     pids = np.repeat(np.arange(20), [1, 2, 3, 4, 5] * 4)
-    workers = [PKBatchSampler(pids, p=4, k=3, rank=r, world_size=2, seed=0) for r in range(2)]
+    workers = [PKBatchSampler(pids, p=4, k=3, rank=r, world_size=2, seed=0, epoch_unit="identities")
+               for r in range(2)]
     seen = []
     for sampler in workers:
         assert len(sampler) == 2

@@ -5,8 +5,9 @@ columnar numpy so evaluation and samplers can vectorise, with the boxes of all i
 flat and indexed by ``box_offsets`` (CSR layout): the boxes of image ``i`` are
 ``boxes[box_offsets[i]:box_offsets[i + 1]]``.
 
-Conventions (DATASETS.md):
-- boxes are ``[x1, y1, x2, y2]`` float32 pixels, clipped to the image, zero-area boxes dropped;
+Conventions (docs/DATASETS.md):
+- boxes are ``[x1, y1, x2, y2]`` float32 pixels, clipped to the image, zero-area boxes dropped
+  (except PRW read with ``box_rule="seqnet"``: SeqNet's integer boxes, see dkd_ray.data.prw);
 - ``pids``: -1 unlabelled; training identities contiguous 0..K-1 (``split == "train"``);
   test identities keep their dataset's own integer id (CUHK-SYSU 'p1234' -> 1234, PRW pid);
 - ``camera``: PRW camera 1..6, -1 where the dataset has none (CUHK-SYSU).
@@ -14,6 +15,7 @@ Conventions (DATASETS.md):
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import numpy as np
 SPLITS = ("train", "test")  # the benchmarks' own splits (what the readers and the cache hold)
 VALIDATION = "val"  # training images held out for model selection (dkd_ray.data.splits)
 DATASETS = ("cuhk_sysu", "prw")
+BOX_RULES = ("exact", "seqnet")  # how PRW boxes are read (data.box_rule; dkd_ray.data.prw)
 
 
 @dataclass
@@ -55,6 +58,18 @@ class ImageTable:
         if split not in (*SPLITS, VALIDATION):
             raise ValueError(f"unknown split {split!r}; expected one of {(*SPLITS, VALIDATION)}")
         return np.flatnonzero(self.split == split)
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of what a global box row means: the image names in row order, each
+        image's box count (``box_offsets``), the boxes (float32 bytes) and the pids. A re-parsed
+        dataset whose box order or boxes differ gets another fingerprint; the split column is
+        left out, so a validation view (``dkd_ray.data.splits``) keeps its full table's."""
+        digest = hashlib.sha256(b"dkd_ray.ImageTable.v1\0")
+        digest.update("\0".join(str(n) for n in self.name).encode("utf-8") + b"\0")
+        digest.update(np.ascontiguousarray(self.box_offsets, dtype="<i8").tobytes())
+        digest.update(np.ascontiguousarray(self.boxes, dtype="<f4").tobytes())
+        digest.update(np.ascontiguousarray(self.pids, dtype="<i4").tobytes())
+        return digest.hexdigest()
 
 
 @dataclass

@@ -35,7 +35,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .annotations import DATASETS, SPLITS, Annotations, GalleryProtocol, ImageTable, QueryTable
+from .annotations import (
+    BOX_RULES,
+    DATASETS,
+    SPLITS,
+    Annotations,
+    GalleryProtocol,
+    ImageTable,
+    QueryTable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,36 +129,43 @@ def source_files(dataset: str, root: Path) -> list[str]:
     return {"cuhk_sysu": cuhk_sysu.source_files, "prw": prw.source_files}[dataset](root)
 
 
-def cache_key(dataset: str, root: Path, index: SourceHashIndex) -> str:
-    """Hash of the format version and every existing source file's relative path and content."""
+def cache_key(dataset: str, root: Path, index: SourceHashIndex, box_rule: str = "exact") -> str:
+    """Hash of the format version, every existing source file's relative path and content and,
+    for PRW read with a non-default ``box_rule``, the rule (so a ``seqnet`` entry is never
+    served for ``exact`` or the other way round; ``exact`` keys are those of before the rule)."""
     base = os.path.abspath(root)
     sources = []
     for rel in source_files(dataset, root):
         digest = index.sha256(os.path.join(base, rel))
         if digest is not None:
             sources.append([rel, digest])
-    blob = json.dumps({"format": FORMAT_VERSION, "dataset": dataset, "sources": sources})
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+    key: dict[str, Any] = {"format": FORMAT_VERSION, "dataset": dataset, "sources": sources}
+    if dataset == "prw" and box_rule != "exact":
+        key["box_rule"] = box_rule
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
 
 
 # --- Load ---------------------------------------------------------------------------------------
 
 def load_annotations(dataset: str, root: str | Path, *, cache_dir: str | Path | None = None,
-                     use_cache: bool = True) -> Annotations:
+                     use_cache: bool = True, box_rule: str = "exact") -> Annotations:
     """The annotations of ``dataset`` ('cuhk_sysu' | 'prw') at ``root``: from the Parquet cache
-    when the sources are unchanged, else parsed (and cached)."""
+    when the sources are unchanged, else parsed (and cached). ``box_rule`` ('exact' |
+    'seqnet', ``data.box_rule``) is how PRW boxes are read; CUHK-SYSU ignores it."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+    if box_rule not in BOX_RULES:
+        raise ValueError(f"unknown box_rule {box_rule!r}; expected one of {BOX_RULES}")
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist")
     if not use_cache:
-        return _parser(dataset)(root)
+        return _parse(dataset, root, box_rule)
 
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(root)
     cache_dir.mkdir(parents=True, exist_ok=True)
     index = SourceHashIndex(cache_dir / HASH_INDEX_FILE)
-    key = cache_key(dataset, root, index)
+    key = cache_key(dataset, root, index, box_rule)
     index.save()
     entry = cache_dir / f"{dataset}-{key}"
     annotations = _read_if_valid(entry, root)
@@ -163,8 +178,8 @@ def load_annotations(dataset: str, root: str | Path, *, cache_dir: str | Path | 
             return annotations
         log.info("parsing %s annotations under %s (cached afterwards in %s)", dataset, root,
                  entry)
-        annotations = _parser(dataset)(root)
-        write_entry(annotations, entry, key)
+        annotations = _parse(dataset, root, box_rule)
+        write_entry(annotations, entry, key, box_rule if dataset == "prw" else "exact")
     return annotations
 
 
@@ -202,6 +217,13 @@ def _parser(dataset: str) -> Callable[[Path], Annotations]:
     return {"cuhk_sysu": cuhk_sysu.parse_cuhk_sysu, "prw": prw.parse_prw}[dataset]
 
 
+def _parse(dataset: str, root: Path, box_rule: str) -> Annotations:
+    """Parse ``root``; ``box_rule`` is PRW's only (CUHK-SYSU has one reading)."""
+    if dataset == "prw":
+        return _parser(dataset)(root, box_rule=box_rule)
+    return _parser(dataset)(root)
+
+
 class _StaleEntry(Exception):
     pass
 
@@ -218,7 +240,7 @@ def _discard(entry: Path) -> None:
 
 # --- Write --------------------------------------------------------------------------------------
 
-def write_entry(annotations: Annotations, entry: Path, key: str) -> None:
+def write_entry(annotations: Annotations, entry: Path, key: str, box_rule: str = "exact") -> None:
     """Write ``annotations`` as the cache entry folder ``entry``, atomically."""
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
@@ -247,6 +269,7 @@ def write_entry(annotations: Annotations, entry: Path, key: str) -> None:
             "format_version": FORMAT_VERSION,
             "dataset": annotations.dataset,
             "key": key,
+            "box_rule": box_rule,  # for people reading the folder: the key already holds it
             "num_images": len(images),
             "num_queries": len(queries),
             "num_train_ids": annotations.num_train_ids,

@@ -1,4 +1,4 @@
-"""CUHK-SYSU as it unpacks (DATASETS.md): ``Images.mat``, ``pool.mat``, ``Train.mat`` and every
+"""CUHK-SYSU as it unpacks (docs/DATASETS.md): ``Images.mat``, ``pool.mat``, ``Train.mat`` and every
 ``TestG<size>.mat``, read by field name, into :class:`~dkd_ray.data.annotations.Annotations`.
 
 Identities are not stored with the boxes: a training identity's sightings (``Train.mat``) and a

@@ -15,7 +15,7 @@ run never dies on one bad file (``jobs/validate_dataset.py`` lists such files up
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +39,39 @@ def load_image(path: str | Path) -> torch.Tensor:
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
-@lru_cache(maxsize=64)
-def _cached_image(path: str) -> torch.Tensor:
-    # Person crops of one scene are often drawn close together (P x K batches, the bank).
-    return load_image(path)
+def load_image_uint8(path: str | Path) -> torch.Tensor:
+    """Decode an image file to a uint8 ``[3, H, W]`` tensor (a quarter of the float's bytes)."""
+    with Image.open(path) as img:
+        rgb = np.asarray(img.convert("RGB"))
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+
+class ImageCache:
+    """Decoded images by path, least recently used out first, bounded in bytes (not in count: a
+    PRW frame is 6 MB as uint8, a synthetic scene 0.2 MB). Person crops of one scene are often
+    drawn close together (the bank walks the boxes image by image), so a small cache saves most
+    decodes. One per loader process."""
+
+    def __init__(self, max_bytes: int = 256 * 2**20) -> None:
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._images: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def get(self, path: str) -> torch.Tensor:
+        """The image as float ``[3, H, W]`` in [0, 1]."""
+        image = self._images.get(path)
+        if image is None:
+            image = load_image_uint8(path)
+            self._images[path] = image
+            self.bytes += image.numel()
+            while self.bytes > self.max_bytes and len(self._images) > 1:
+                _, evicted = self._images.popitem(last=False)
+                self.bytes -= evicted.numel()
+        else:
+            self._images.move_to_end(path)
+        return image.float().div_(255.0)
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -120,7 +149,10 @@ class PersonCropDataset(Dataset):
     """Crops of labelled people: ``(crop [3,h,w], pid, box_index, image_index)``.
 
     ``isa_strength > 0`` takes each crop from a jittered copy of its ground-truth box (ISA);
-    0 gives the exact box (the knowledge bank). ``random_erasing`` is the usual Re-ID erasing.
+    0 gives the exact box (the knowledge bank). Then BoT's training augmentation: flip
+    (``flip_prob``), zero padding by ``pad`` pixels and a random crop back to ``crop_size``, and
+    random erasing (probability ``random_erasing``, see ``random_erase``). Every random choice
+    comes from ``sample_rng(seed, epoch, index)``.
     """
 
     def __init__(
@@ -133,7 +165,9 @@ class PersonCropDataset(Dataset):
         isa_strength: float = 0.0,
         flip_prob: float = 0.0,
         random_erasing: float = 0.0,
+        pad: int = 0,
         seed: int = 0,
+        cache_bytes: int = 256 * 2**20,
     ) -> None:
         self.ann = annotations
         if box_rows is None:
@@ -143,11 +177,8 @@ class PersonCropDataset(Dataset):
         self.pids = annotations.images.pids[self.box_rows].astype(np.int64)
         self.crop_size = tuple(crop_size)
         self.isa_strength, self.flip_prob, self.seed, self.epoch = isa_strength, flip_prob, seed, 0
-        self.eraser = None
-        if random_erasing > 0:
-            from torchvision.transforms import RandomErasing
-
-            self.eraser = RandomErasing(p=random_erasing, value=0.0)
+        self.random_erasing, self.pad = random_erasing, pad
+        self.images = ImageCache(cache_bytes)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -157,7 +188,7 @@ class PersonCropDataset(Dataset):
 
     def __getitem__(self, item: int) -> tuple[torch.Tensor, int, int, int]:
         image_index = int(self.box_image[item])
-        image = _cached_image(str(self.ann.image_path(image_index)))
+        image = self.images.get(str(self.ann.image_path(image_index)))
         box = torch.from_numpy(self.ann.images.boxes[self.box_rows[item]].copy())[None]
         rng = sample_rng(self.seed, self.epoch, item)
         if self.isa_strength > 0:
@@ -166,9 +197,41 @@ class PersonCropDataset(Dataset):
         crop = crop_and_resize(image, box[0], self.crop_size)
         if self.flip_prob > 0 and rng.random() < self.flip_prob:
             crop = crop.flip(-1)
-        if self.eraser is not None:
-            crop = self.eraser(crop)
+        if self.pad > 0:
+            crop = pad_and_random_crop(crop, self.pad, rng)
+        if self.random_erasing > 0 and rng.random() < self.random_erasing:
+            crop = random_erase(crop, rng)
         return crop, int(self.pids[item]), int(self.box_rows[item]), image_index
+
+
+def pad_and_random_crop(crop: torch.Tensor, pad: int, rng: np.random.Generator) -> torch.Tensor:
+    """BoT: zero-pad ``pad`` pixels on every side, then cut a crop of the original size at random."""
+    height, width = crop.shape[-2:]
+    padded = torch.nn.functional.pad(crop, (pad, pad, pad, pad))
+    top, left = (int(v) for v in rng.integers(0, 2 * pad + 1, size=2))
+    return padded[:, top:top + height, left:left + width]
+
+
+# BoT's random erasing: area 2-40 % of the crop, aspect ratio 0.3-3.3 drawn linearly, up to 100
+# tries. BoT fills the normalised tensor with fixed values; the intent is the mean colour, and
+# the teacher normalises its inputs itself, so the fill is the ImageNet mean (0 once normalised).
+ERASE_AREA, ERASE_MIN_ASPECT, ERASE_TRIES = (0.02, 0.4), 0.3, 100
+ERASE_FILL = (0.485, 0.456, 0.406)
+
+
+def random_erase(crop: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Erase one random rectangle of ``crop`` [3,h,w] with the mean colour (BoT's rule)."""
+    height, width = crop.shape[-2:]
+    for _ in range(ERASE_TRIES):
+        area = rng.uniform(*ERASE_AREA) * height * width
+        aspect = rng.uniform(ERASE_MIN_ASPECT, 1 / ERASE_MIN_ASPECT)
+        h, w = int(round((area * aspect) ** 0.5)), int(round((area / aspect) ** 0.5))
+        if 0 < h < height and 0 < w < width:
+            top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+            crop = crop.clone()
+            crop[:, top:top + h, left:left + w] = torch.tensor(ERASE_FILL, dtype=crop.dtype)[:, None, None]
+            return crop
+    return crop
 
 
 def crop_and_resize(image: torch.Tensor, box: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -1,6 +1,15 @@
-"""PRW as it unpacks (DATASETS.md): one ``annotations/<frame>.jpg.mat`` per frame, the frame lists
+"""PRW as it unpacks (docs/DATASETS.md): one ``annotations/<frame>.jpg.mat`` per frame, the frame lists
 ``frame_train.mat`` / ``frame_test.mat`` and ``query_info.txt``, into
 :class:`~dkd_ray.data.annotations.Annotations`.
+
+``box_rule`` says how the ``[x y w h]`` boxes become ``[x1 y1 x2 y2]``:
+- ``exact`` (the default, the correct reading): sub-pixel, clipped to the frame after
+  converting, zero-area boxes dropped (:func:`~dkd_ray.data.annotations.clean_boxes`);
+- ``seqnet``: as SeqNet's ``datasets/prw.py`` (and COAT, which reuses it) reads them, to compare
+  with their published tables. Annotated boxes: ``x y w h`` clamped at 0, then ``x2 = x + w``,
+  ``y2 = y + h``, truncated to integers; queries: ``x + w``, ``y + h`` first, truncated, then
+  clamped at 0. Never clipped to the frame's width/height; zero-area boxes are kept, except in
+  the training split, where the student could not train on them (dropped, with a warning).
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from typing import Callable
 import numpy as np
 
 from .annotations import (
+    BOX_RULES,
     Annotations,
     ImageTable,
     QueryTable,
@@ -56,9 +66,12 @@ def camera_of(name: str) -> int:
 
 
 def parse_prw(root: str | Path, *, report: ValidationReport | None = None,
-              strict: bool = True) -> Annotations:
+              strict: bool = True, box_rule: str = "exact") -> Annotations:
     """Read a PRW folder. Problems go to ``report``; with ``strict`` a structural problem raises
-    :class:`DatasetError` (otherwise the best possible annotations come back)."""
+    :class:`DatasetError` (otherwise the best possible annotations come back). ``box_rule``:
+    ``exact`` | ``seqnet`` (module docstring)."""
+    if box_rule not in BOX_RULES:
+        raise ValueError(f"unknown box_rule {box_rule!r}; expected one of {BOX_RULES}")
     root = Path(root)
     own_report = report is None
     report = report if report is not None else ValidationReport("prw", root)
@@ -68,8 +81,9 @@ def parse_prw(root: str | Path, *, report: ValidationReport | None = None,
     log.info("reading %d frame headers under %s", len(paths), root / FRAME_DIR)
     widths, heights = read_image_sizes(root, paths, report)
 
-    boxes = _read_boxes(root, report, names, widths, heights)
-    is_train = np.asarray(splits, dtype=object)[boxes.frame] == "train"
+    is_train_frame = np.asarray(splits, dtype=object) == "train"
+    boxes = _read_boxes(root, report, names, widths, heights, is_train_frame, box_rule)
+    is_train = is_train_frame[boxes.frame]
     pids, num_train_ids = _relabel_train_ids(boxes.pids, is_train)
     images = image_table(
         name=names,
@@ -82,7 +96,7 @@ def parse_prw(root: str | Path, *, report: ValidationReport | None = None,
         boxes=boxes.xyxy,
         pids=pids,
     )
-    queries = _read_queries(root, report, images, boxes.raw)
+    queries = _read_queries(root, report, images, boxes.raw, box_rule)
     if strict:
         report.raise_if_fatal()
     if own_report:
@@ -121,12 +135,12 @@ class _Boxes:
 
     frame: np.ndarray  # int64 [B], the frame's row
     raw: np.ndarray  # float64 [B, 4] x y w h as annotated (to match the queries)
-    xyxy: np.ndarray  # float32 [B, 4] converted and clipped
+    xyxy: np.ndarray  # float32 [B, 4] converted (and clipped, box_rule exact)
     pids: np.ndarray  # int32 [B], -1 unlabelled, PRW's own ids otherwise
 
 
 def _read_boxes(root: Path, report: ValidationReport, names: list[str], widths: np.ndarray,
-                heights: np.ndarray) -> _Boxes:
+                heights: np.ndarray, is_train_frame: np.ndarray, box_rule: str) -> _Boxes:
     """Read every frame's annotation file, then convert, clip and check all boxes at once."""
     log.info("reading %d annotation files under %s", len(names), root / ANNOTATION_DIR)
     matrices, keys = zip(*(_read_frame(root, report, name) for name in names)) if names \
@@ -143,6 +157,10 @@ def _read_boxes(root: Path, report: ValidationReport, names: list[str], widths: 
 
     pids = _read_pids(rows[:, 0], report, where)
     raw = rows[:, 1:5]
+    if box_rule == "seqnet":
+        keep, xyxy = _seqnet_boxes(raw, report, where, widths[frame_of_row],
+                                   heights[frame_of_row], is_train_frame[frame_of_row])
+        return _Boxes(frame=frame_of_row[keep], raw=raw[keep], xyxy=xyxy[keep], pids=pids[keep])
     cleaned = clean_boxes(raw, widths[frame_of_row], heights[frame_of_row])
     for flags, what in [(cleaned.zero_area, "zero-area box {box} (dropped)"),
                         (cleaned.outside, "box {box} lies outside the {size} frame (dropped)"),
@@ -155,6 +173,47 @@ def _read_boxes(root: Path, report: ValidationReport, names: list[str], widths: 
     keep = cleaned.keep
     return _Boxes(frame=frame_of_row[keep], raw=raw[keep], xyxy=cleaned.xyxy[keep],
                   pids=pids[keep])
+
+
+def seqnet_xyxy(xywh: np.ndarray) -> np.ndarray:
+    """SeqNet's reading of annotated ``[x y w h]`` boxes [n, 4]: each of x, y, w, h clamped at 0,
+    then w, h added, then truncated to integer pixels (float32 [n, 4]; not clipped to the frame;
+    zero-area boxes stay)."""
+    xywh = np.clip(np.asarray(xywh, dtype=np.float64).reshape(-1, 4), 0.0, None)
+    xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+    return np.trunc(xyxy).astype(np.float32)
+
+
+def seqnet_query_xyxy(xywh: np.ndarray) -> np.ndarray:
+    """SeqNet's reading of a ``query_info.txt`` box ``[x y w h]``: ``[x, y, x + w, y + h]``
+    truncated to integers (toward zero), then clamped at 0 (float32 [4])."""
+    x, y, w, h = np.asarray(xywh, dtype=np.float64).reshape(4)
+    return (np.clip(np.trunc([x, y, x + w, y + h]), 0.0, None) + 0.0).astype(np.float32)
+
+
+def _seqnet_boxes(raw: np.ndarray, report: ValidationReport,
+                  where: Callable[[int], tuple[Path, str]], widths: np.ndarray,
+                  heights: np.ndarray, is_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``box_rule="seqnet"``: (which boxes to keep, their boxes). Zero-area boxes are kept in
+    the test split (as SeqNet does) and dropped from the training split (the student refuses
+    them); boxes past the frame are clamped at 0 only. All are reported."""
+    xyxy = seqnet_xyxy(raw)
+    no_area = ~((xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1]))
+    known = (widths > 0) & (heights > 0)
+    past_frame = known & ~no_area & ((xyxy[:, 2] > widths) | (xyxy[:, 3] > heights)
+                                     | np.any(raw[:, :2] < 0, axis=1))
+    for flags, what in [
+        (no_area & is_train, "zero-area box {box} -> {xyxy} under box_rule=seqnet (dropped from "
+                             "the training split)"),
+        (no_area & ~is_train, "zero-area box {box} -> {xyxy} (kept: box_rule=seqnet)"),
+        (past_frame, "box {box} -> {xyxy} extends outside the {size} frame (box_rule=seqnet: "
+                     "clamped at 0, not clipped to the frame)"),
+    ]:
+        for b in np.flatnonzero(flags):
+            report.add("warning", *where(b), what.format(
+                box=raw[b].tolist(), xyxy=xyxy[b].astype(int).tolist(),
+                size=f"{widths[b]}x{heights[b]}"))
+    return ~(no_area & is_train), xyxy
 
 
 def _cameras(root: Path, report: ValidationReport, names: list[str]) -> np.ndarray:
@@ -214,7 +273,7 @@ def _relabel_train_ids(pids: np.ndarray, is_train: np.ndarray) -> tuple[np.ndarr
 
 
 def _read_queries(root: Path, report: ValidationReport, images: ImageTable,
-                  raw_boxes: np.ndarray) -> QueryTable:
+                  raw_boxes: np.ndarray, box_rule: str = "exact") -> QueryTable:
     """``query_info.txt``: "pid x y w h frame" a line; each box is matched to its frame's boxes."""
     path = root / QUERY_FILE
     if not path.is_file():
@@ -251,9 +310,12 @@ def _read_queries(root: Path, report: ValidationReport, images: ImageTable,
             elif images.pids_of(row)[j] != pid and images.split[row] == "test":
                 report.add("warning", path, where, f"query box of person {pid} matches a box "
                                                    f"of person {images.pids_of(row)[j]} in {name}")
-            cleaned = clean_boxes(xywh, int(images.width[row]), int(images.height[row]))
+            if box_rule == "seqnet":
+                boxes.append(seqnet_query_xyxy(xywh))
+            else:
+                boxes.append(clean_boxes(xywh, int(images.width[row]),
+                                         int(images.height[row])).xyxy[0])
             rows.append(row)
-            boxes.append(cleaned.xyxy[0])
             query_pids.append(pid)
     return QueryTable(
         image_index=np.asarray(rows, dtype=np.int64),

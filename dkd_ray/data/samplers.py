@@ -22,17 +22,26 @@ def scene_sampler(dataset, *, rank: int, world_size: int, seed: int, shuffle: bo
 class PKBatchSampler(Sampler[list[int]]):
     """Batches of ``p`` identities with ``k`` samples each, sharded across workers.
 
-    Per epoch the identities are shuffled and grouped into batches of ``p``; each identity draws
-    ``k`` of its samples (without replacement where it has ``k`` or more). Batches are dealt
-    round-robin to the ``world_size`` workers, and every worker gets the same number of batches,
-    so no worker waits on another at the end of an epoch.
+    ``epoch_unit="crops"`` (default, BoT's ``RandomIdentitySampler``): each identity's samples
+    are shuffled and cut into groups of ``k`` (an identity with fewer than ``k`` is drawn up to
+    ``k`` with replacement; a remainder under ``k`` is left out), and batches take one group from
+    each of ``p`` identities drawn at random among those with groups left. So an epoch covers
+    about every sample once. BoT's epoch ends when fewer than ``p`` identities have groups left,
+    a length that varies from epoch to epoch; here the length is fixed at ``#groups // p`` (what
+    the LR schedule counts in), and the last few batches draw from a reshuffled second pass.
+    ``epoch_unit="identities"``: one group per identity per epoch (``#identities // p`` batches).
+
+    Batches are dealt round-robin to the ``world_size`` workers, and every worker gets the same
+    number, so no worker waits on another at the end of an epoch.
     """
 
     def __init__(self, pids: Sequence[int] | np.ndarray, p: int, k: int, *, rank: int = 0,
-                 world_size: int = 1, seed: int = 0) -> None:
+                 world_size: int = 1, seed: int = 0, epoch_unit: str = "crops") -> None:
         pids = np.asarray(pids)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
+        if epoch_unit not in ("crops", "identities"):
+            raise ValueError(f"epoch_unit must be crops or identities, got {epoch_unit!r}")
         identities, inverse = np.unique(pids, return_inverse=True)
         if len(identities) < p:
             raise ValueError(f"P x K sampler needs at least p={p} identities, the data has {len(identities)}")
@@ -40,26 +49,46 @@ class PKBatchSampler(Sampler[list[int]]):
         bounds = np.searchsorted(inverse[order], np.arange(len(identities) + 1))
         self.members = [order[bounds[i]:bounds[i + 1]] for i in range(len(identities))]
         self.p, self.k, self.rank, self.world_size, self.seed, self.epoch = p, k, rank, world_size, seed, 0
+        self.epoch_unit = epoch_unit
+        groups = sum(max(1, len(m) // k) for m in self.members) if epoch_unit == "crops" else len(self.members)
+        self._batches_per_worker = (groups // p) // world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return (len(self.members) // self.p) // self.world_size
+        return self._batches_per_worker
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        identities = rng.permutation(len(self.members))
-        per_worker = len(self)
-        usable = identities[: per_worker * self.world_size * self.p]
-        batches = usable.reshape(per_worker * self.world_size, self.p)
+        make = self._crop_batches if self.epoch_unit == "crops" else self._identity_batches
+        batches = make(rng, len(self) * self.world_size)
         for batch in batches[self.rank :: self.world_size]:
-            indices: list[int] = []
-            for identity in batch:
-                members = self.members[identity]
-                replace = len(members) < self.k
-                indices.extend(int(i) for i in rng.choice(members, self.k, replace=replace))
-            yield indices
+            yield [int(i) for i in batch]
+
+    def _group(self, rng: np.random.Generator, identity: int, count: int | None = None) -> list[np.ndarray]:
+        members = self.members[identity]
+        if len(members) < self.k:
+            return [rng.choice(members, self.k, replace=True)]
+        shuffled = rng.permutation(members)
+        groups = len(members) // self.k if count is None else count
+        return [shuffled[g * self.k:(g + 1) * self.k] for g in range(groups)]
+
+    def _identity_batches(self, rng: np.random.Generator, total: int) -> list[np.ndarray]:
+        identities = rng.permutation(len(self.members))[: total * self.p].reshape(total, self.p)
+        return [np.concatenate([self._group(rng, int(i), 1)[0] for i in batch]) for batch in identities]
+
+    def _crop_batches(self, rng: np.random.Generator, total: int) -> list[np.ndarray]:
+        batches: list[np.ndarray] = []
+        while len(batches) < total:  # one BoT pass, then (rarely more than a few batches) another
+            queues = {i: self._group(rng, i) for i in range(len(self.members))}
+            available = list(queues)
+            while len(available) >= self.p and len(batches) < total:
+                chosen = rng.choice(len(available), self.p, replace=False)
+                picked = [available[c] for c in chosen]
+                batches.append(np.concatenate([queues[i].pop() for i in picked]))
+                available = [i for i in available if queues[i]]
+        return batches
 
 
 class SkipBatches(Sampler):

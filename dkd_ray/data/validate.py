@@ -230,9 +230,10 @@ def summarize(annotations: Annotations) -> dict[str, Any]:
 
 
 def validate_dataset(dataset: str, root: str | Path, *, check_images: bool = True,
-                     workers: int | None = None,
-                     progress: Progress | None = None) -> ValidationReport:
-    """Parse ``root`` as ``dataset`` and decode its images, collecting every problem."""
+                     workers: int | None = None, progress: Progress | None = None,
+                     box_rule: str = "exact") -> ValidationReport:
+    """Parse ``root`` as ``dataset`` and decode its images, collecting every problem.
+    ``box_rule`` (``data.box_rule``): how PRW boxes are read; CUHK-SYSU ignores it."""
     from . import cuhk_sysu, prw  # the readers import ValidationReport from here
 
     if dataset not in DATASETS:
@@ -243,7 +244,10 @@ def validate_dataset(dataset: str, root: str | Path, *, check_images: bool = Tru
     if progress:
         progress("reading annotations", 0, 1)
     try:
-        annotations = parse(root, report=report, strict=False)
+        if dataset == "prw":
+            annotations = parse(root, report=report, strict=False, box_rule=box_rule)
+        else:
+            annotations = parse(root, report=report, strict=False)
     except DatasetError as exc:
         report.add_dataset_error(exc)
         return report

@@ -3,7 +3,7 @@
 The teacher is frozen while the student trains and sees exact ground-truth crops, so its
 embedding and logits for each labelled box (and its horizontal flip) never change. They are
 computed once (in parallel shards if wanted), stored as Parquet, and each student worker loads
-them into dense tensors, so distillation costs one gather per step (METHOD.md, "Knowledge bank").
+them into dense tensors, so distillation costs one gather per step (docs/METHOD.md, "The knowledge bank").
 
 Table: one row per (box, flip)::
 
@@ -16,7 +16,12 @@ Table: one row per (box, flip)::
 The file's schema metadata holds one JSON object under ``dkd_ray.knowledge_bank``: embedding
 dim, number of classes, crop size, flips, teacher class and parameter count, shard, plus the
 caller's ``metadata`` (put the teacher's MLflow URI and the dataset there, e.g.
-``{"teacher_uri": "models:/dkd-teacher/3", "dataset": "cuhk_sysu"}``).
+``{"teacher_uri": "models:/dkd-teacher/3", "dataset": "cuhk_sysu"}``). ``crop_height`` /
+``crop_width`` are the size of the crops the teacher was actually fed; the training code also
+stores ``teacher_input_size`` (the teacher's own stored input size, which the crops must have)
+and ``annotations_fingerprint`` (``ImageTable.fingerprint()`` of the table ``box_index`` rows
+refer to). ``KnowledgeBank.load(..., annotations_fingerprint=..., num_classes=...)`` refuses a
+bank built on other annotations or over another number of identities.
 
 Parallel building: worker ``i`` of ``n`` calls ``build_knowledge_bank_sharded`` on its share of
 the boxes (e.g. ``labelled_rows[i::n]``); each writes ``part-0000i-of-0000n.parquet`` in one
@@ -26,6 +31,7 @@ directory and ``KnowledgeBank.load(directory)`` reads the parts, refusing an inc
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -39,7 +45,11 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor, nn
 
+log = logging.getLogger(__name__)
+
 METADATA_KEY = b"dkd_ray.knowledge_bank"
+FINGERPRINT_KEY = "annotations_fingerprint"  # ImageTable.fingerprint() of the table box_index refers to
+TEACHER_INPUT_KEY = "teacher_input_size"  # [height, width] the teacher was trained on
 FORMAT_VERSION = 1
 _PART_NAME = re.compile(r"part-(\d+)-of-(\d+)\.parquet")
 _ROWS_PER_ROW_GROUP = 2048  # rows buffered before a Parquet row group is written
@@ -105,6 +115,10 @@ def shard_file_name(shard_index: int, num_shards: int) -> str:
     return f"part-{shard_index:05d}-of-{num_shards:05d}.parquet"
 
 
+class BankMismatchError(ValueError):
+    """A knowledge bank that does not belong to the run loading it (other annotations or classes)."""
+
+
 class KnowledgeBank:
     """The bank in dense tensors: ``lookup`` is one gather, no Python loop over boxes."""
 
@@ -140,8 +154,16 @@ class KnowledgeBank:
                 f"num_classes={self.num_classes}, device={self.device})")
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> KnowledgeBank:
-        """Read a bank file, or a directory of ``*.parquet`` parts, onto ``device``."""
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu", *,
+             annotations_fingerprint: str | None = None, num_classes: int | None = None) -> KnowledgeBank:
+        """Read a bank file, or a directory of ``*.parquet`` parts, onto ``device``.
+
+        ``annotations_fingerprint``: ``ImageTable.fingerprint()`` of the run's annotations; a bank
+        built on another table (its box rows would name other people) raises ``BankMismatchError``.
+        A bank without a stored fingerprint (built before it was recorded) is accepted with a
+        warning. ``num_classes``: the run's number of training identities; a bank whose logits
+        cover another number raises ``BankMismatchError``.
+        """
         path = Path(path)
         files = _bank_files(path)
         tables, metadata = [], None
@@ -160,6 +182,7 @@ class KnowledgeBank:
             raise ValueError(f"knowledge bank parts in {path} have different schemas: {error}") from None
         metadata = {k: v for k, v in metadata.items() if k != "shard"}
         metadata["path"], metadata["files"] = str(path), [f.name for f in files]
+        _check_belongs(path, metadata, annotations_fingerprint, num_classes)
         return cls(
             image_index=_column(table, "image_index", path).to(device),
             box_index=_column(table, "box_index", path).to(device),
@@ -168,6 +191,16 @@ class KnowledgeBank:
             logits=_matrix(table, "logits", path).to(device),
             metadata=metadata,
         )
+
+    def identity_prototypes(self, box_pids: Tensor, num_classes: int) -> Tensor:
+        """The teacher's mean embedding ``[K, dt]`` of each training identity (L2-normalised),
+        over every stored row (both flips) of its boxes. ``box_pids[b]``: the identity (0..K-1,
+        -1 unlabelled or held out) of global box row ``b``. An identity without rows gets a
+        zero row (it cannot be a positive; anchors always have rows)."""
+        pids = box_pids.to(self.device)[self.box_index]
+        keep = (pids >= 0) & (pids < num_classes)
+        sums = self.embedding.new_zeros(num_classes, self.embedding_dim).index_add_(0, pids[keep], self.embedding[keep])
+        return torch.nn.functional.normalize(sums, dim=1)
 
     def lookup(self, box_index: Tensor, flipped: Tensor) -> tuple[Tensor, Tensor]:
         """Teacher outputs for ``box_index [M]`` (global box rows) and ``flipped [M]`` (bool).
@@ -245,6 +278,11 @@ def _build(teacher: nn.Module, batches: Iterable, path: Path, *, device, flips: 
                 _check_batch(batch_number, crops, box_index, image_index)
                 if facts["crop_height"] is None:
                     facts["crop_height"], facts["crop_width"] = int(crops.shape[2]), int(crops.shape[3])
+                    expected = facts.get(TEACHER_INPUT_KEY)
+                    if expected is not None and [int(v) for v in expected] != [facts["crop_height"],
+                                                                               facts["crop_width"]]:
+                        raise ValueError(f"batch {batch_number}: crops are {tuple(crops.shape[2:])}, but the "
+                                         f"teacher's input size is {tuple(expected)}")
                 elif tuple(crops.shape[2:]) != (facts["crop_height"], facts["crop_width"]):
                     raise ValueError(f"batch {batch_number}: crop size {tuple(crops.shape[2:])} differs from the "
                                      f"first batch's {(facts['crop_height'], facts['crop_width'])}")
@@ -358,6 +396,28 @@ def _read_metadata(file: Path, schema: pa.Schema) -> dict[str, Any]:
         raise ValueError(f"{file}: knowledge bank format {facts.get('format_version')} is not the supported "
                          f"{FORMAT_VERSION}")
     return facts
+
+
+def _check_belongs(path: Path, metadata: dict[str, Any], fingerprint: str | None, num_classes: int | None) -> None:
+    """Refuse a bank built for other annotations or another set of identities (see ``load``)."""
+    if num_classes is not None and int(metadata["num_classes"]) != int(num_classes):
+        raise BankMismatchError(
+            f"knowledge bank {path} holds teacher logits over {metadata['num_classes']} classes, but this run "
+            f"trains on {num_classes} identities: the bank's teacher was trained on other annotations; use a "
+            "teacher (and its bank) trained on this dataset, or rebuild the bank for it")
+    if fingerprint is None:
+        return
+    stored = metadata.get(FINGERPRINT_KEY)
+    if stored is None:
+        log.warning("knowledge bank %s records no annotations fingerprint (built by an older version): its "
+                    "box rows cannot be checked against this dataset (%s); rebuild the bank if the "
+                    "dataset was re-parsed or changed", path, fingerprint)
+    elif stored != fingerprint:
+        raise BankMismatchError(
+            f"knowledge bank {path} was built on other annotations: its fingerprint is {stored}, this run's "
+            f"annotations have {fingerprint}, so its box rows would name the wrong people (the dataset was "
+            "re-parsed, changed or is another one). Rebuild the bank for this dataset: run the teacher over "
+            "these annotations (dkd_ray.train.bank_loop.build_bank) or train the teacher on them again")
 
 
 def _check_same_bank(first: Path, first_meta: dict, other: Path, other_meta: dict) -> None:

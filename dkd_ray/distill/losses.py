@@ -1,4 +1,4 @@
-r"""The three diverse-knowledge-distillation terms (METHOD.md, "Diverse knowledge distillation").
+r"""The three diverse-knowledge-distillation terms (docs/METHOD.md, "The three distillation terms").
 
 The student learns from the frozen teacher on the ``M`` labelled boxes of a batch. For box ``i``:
 ``f^s_i`` is the student's Re-ID embedding, ``z^s_i`` its identity logits over the ``K`` training
@@ -83,16 +83,22 @@ def pairwise_relation_kd(student_emb: Tensor, teacher_emb: Tensor) -> Tensor:
     return F.mse_loss((student @ student.T)[off_diagonal], (teacher @ teacher.T)[off_diagonal])
 
 
-def triplet_relation_kd(student_proj: Tensor, teacher_emb: Tensor, pids: Tensor, tau: float) -> Tensor:
+def triplet_relation_kd(student_proj: Tensor, teacher_emb: Tensor, pids: Tensor, tau: float,
+                        key_pids: Tensor | None = None) -> Tensor:
     """``L_tri``: cross-model supervised-contrastive loss, student anchors against teacher keys.
 
     Args:
         student_proj: ``[M, dp]`` projected student embeddings ``g_i``.
-        teacher_emb: ``[M, dt]`` teacher embeddings, ``dt == dp``.
-        pids: ``[M]`` identities of the labelled boxes (all >= 0; unlabelled boxes are not passed).
+        teacher_emb: ``[M, dt]`` teacher embeddings (the keys), ``dt == dp``; with ``key_pids``
+            any number ``[N, dt]`` of keys (e.g. identity prototypes), each anchor's identity
+            among them.
+        pids: ``[M]`` identities of the anchors (all >= 0; unlabelled boxes are not passed).
         tau: contrastive temperature ``> 0``.
+        key_pids: ``[N]`` identities of the keys; default ``pids`` (anchor ``i``'s key is box ``i``).
     """
-    _check_rows("triplet_relation_kd", student_proj, teacher_emb)
+    if key_pids is None:
+        _check_rows("triplet_relation_kd", student_proj, teacher_emb)
+        key_pids = pids
     if student_proj.shape[1] != teacher_emb.shape[1]:
         raise ValueError(f"triplet_relation_kd: projected student dim {student_proj.shape[1]} != teacher dim "
                          f"{teacher_emb.shape[1]}; project the student embedding first")
@@ -105,9 +111,13 @@ def triplet_relation_kd(student_proj: Tensor, teacher_emb: Tensor, pids: Tensor,
         return _zero_like(student_proj)
     anchors = F.normalize(student_proj.float(), dim=1)
     keys = F.normalize(teacher_emb.detach().float(), dim=1)
-    log_prob = F.log_softmax(anchors @ keys.T / tau, dim=1)  # [M anchors, M teacher keys]
-    positives = (pids[:, None] == pids[None, :]).float()  # never empty: the anchor's own box
-    return (-(log_prob * positives).sum(dim=1) / positives.sum(dim=1)).mean()
+    log_prob = F.log_softmax(anchors @ keys.T / tau, dim=1)  # [M anchors, N teacher keys]
+    positives = (pids[:, None] == key_pids[None, :]).float()
+    counts = positives.sum(dim=1)
+    if bool((counts == 0).any()):
+        raise ValueError(f"triplet_relation_kd: anchor identities {pids[counts == 0].unique()[:10].tolist()} "
+                         f"have no key of their identity")
+    return (-(log_prob * positives).sum(dim=1) / counts).mean()
 
 
 class DistillationLoss(nn.Module):
@@ -131,6 +141,12 @@ class DistillationLoss(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.projection = nn.Linear(student_dim, teacher_dim) if cfg.enabled and cfg.tri_weight > 0 else None
+        # contrast="prototypes": the teacher's identity means [K, dt] (set_prototypes); not saved
+        # with the model (the bank rebuilds them), not a parameter.
+        self.register_buffer("prototypes", torch.zeros(0, teacher_dim), persistent=False)
+
+    def set_prototypes(self, prototypes: Tensor) -> None:
+        self.prototypes = F.normalize(prototypes.detach().float(), dim=1).to(self.prototypes.device)
 
     def forward(
         self,
@@ -139,6 +155,7 @@ class DistillationLoss(nn.Module):
         teacher_emb: Tensor,
         teacher_logits: Tensor | None,
         pids: Tensor,
+        keys: tuple[Tensor, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """Return ``{"loss_kd_prob", "loss_kd_pair", "loss_kd_tri"}``, each times its lambda.
 
@@ -149,6 +166,9 @@ class DistillationLoss(nn.Module):
                 when ``prob_weight == 0``.
             teacher_emb: ``[M, dt]``; teacher_logits: ``[M, K]`` (``None`` if ``prob_weight == 0``).
             pids: ``[M]`` training identities, all ``>= 0``.
+            keys: ``(teacher keys [N, dt], their identities [N])`` of the triplet-wise term
+                (default: ``teacher_emb`` and ``pids``; with ``contrast="prototypes"`` the
+                identity prototypes).
 
         A term whose weight is 0 (or all, if ``cfg.enabled`` is False) is absent from the dict.
         """
@@ -166,8 +186,13 @@ class DistillationLoss(nn.Module):
                 losses["loss_kd_pair"] = cfg.pair_weight * pairwise_relation_kd(student_emb, teacher_emb)
             if self.projection is not None:
                 projected = self.projection(student_emb)
+                if cfg.contrast == "prototypes":
+                    if len(self.prototypes) == 0:
+                        raise ValueError("DistillationLoss: contrast=prototypes needs set_prototypes() first")
+                    keys = (self.prototypes, torch.arange(len(self.prototypes), device=pids.device))
+                key_emb, key_pids = keys if keys is not None else (teacher_emb, None)
                 losses["loss_kd_tri"] = cfg.tri_weight * triplet_relation_kd(
-                    projected, teacher_emb, pids, cfg.contrastive_temperature)
+                    projected, key_emb, pids, cfg.contrastive_temperature, key_pids)
         return losses
 
 

@@ -2,8 +2,10 @@
 
 ``DistilledStudent.forward(images, targets, teacher_emb, teacher_logits)`` returns every loss of
 a student step: detection + OIM (from the student) and the weighted KD terms computed on the
-labelled ground-truth boxes (METHOD.md, part 3). The teacher outputs must be given for those
-boxes in ``labelled_ground_truth(targets)`` order, e.g.::
+labelled ground-truth boxes (docs/METHOD.md, "The three distillation terms"), or with
+``distill.rows="matched"`` on every Re-ID row of a labelled person (its matched proposals and
+FSA copies too), each against the teacher's view of its box. The teacher
+outputs must be given for those boxes in ``labelled_ground_truth(targets)`` order, e.g.::
 
     keys = labelled_ground_truth(targets)
     teacher_emb, teacher_logits = bank.lookup(keys["box_index"], keys["flipped"])
@@ -51,7 +53,15 @@ class DistilledStudent(nn.Module):
                                  f"{tuple(gt['oim_logits'].shape)}: the teacher must score the same "
                                  f"{self.student.num_train_ids} training identities")
             teacher_logits = teacher_logits.to(device, non_blocking=True)
-        losses.update(self.distill_loss(gt["embeddings"], gt["oim_logits"], teacher_emb, teacher_logits, gt["pids"]))
+        if self.distill_loss.cfg.rows == "matched":  # every Re-ID row of a labelled person, its box's teacher view
+            rows = gt["matched_rows"]
+            losses.update(self.distill_loss(
+                gt["matched_embeddings"], gt["matched_oim_logits"], teacher_emb[rows],
+                None if teacher_logits is None else teacher_logits[rows], gt["pids"][rows],
+                keys=(teacher_emb, gt["pids"])))  # one key per box: copies would outweigh lone boxes
+        else:
+            losses.update(self.distill_loss(gt["embeddings"], gt["oim_logits"], teacher_emb, teacher_logits,
+                                            gt["pids"]))
         return losses
 
 

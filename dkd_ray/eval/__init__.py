@@ -1,7 +1,7 @@
 """Person-search evaluation on arrays (CUHK-SYSU, PRW): detection, search, CBGM, files, plots.
 
 The functions take arrays, never models (``Detections`` + query embeddings), and follow the
-published protocols (EVALUATION.md; OIM / SeqNet / COAT evaluation code) rule for rule.
+published protocols (docs/EVALUATION.md; OIM / SeqNet / COAT evaluation code) rule for rule.
 
 Metric names (stable; values are fractions in [0, 1], counts are plain numbers):
 

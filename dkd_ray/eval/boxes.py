@@ -34,7 +34,7 @@ def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def search_iou_threshold(gt_boxes: np.ndarray) -> np.ndarray:
     """Per ground-truth box ``[x1 y1 x2 y2]``: ``min(0.5, w*h / ((w+10)*(h+10)))``.
 
-    Small people get a looser threshold (EVALUATION.md, search rule 3).
+    Small people get a looser threshold (docs/EVALUATION.md, search rule 4).
     """
     gt = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4)
     w = gt[:, 2] - gt[:, 0]

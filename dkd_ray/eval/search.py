@@ -1,6 +1,6 @@
 """Person search evaluation (CUHK-SYSU, PRW) on arrays, as the published numbers are computed.
 
-Per query (EVALUATION.md; OIM ``psdb.evaluate_search``, SeqNet/COAT ``eval_search_cuhk/prw``):
+Per query (docs/EVALUATION.md; OIM ``psdb.evaluate_search``, SeqNet/COAT ``eval_search_cuhk/prw``):
 1. gallery: CUHK-SYSU ``TestG<size>`` lists, or the full set (the ``TestG50`` lists plus every
    other pool image but the query's own, all negatives); PRW every test frame but the query's
    own (``prw/all``), or only other cameras' frames (``prw/cross_cam``);

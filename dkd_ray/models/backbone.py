@@ -49,14 +49,19 @@ def is_pretrained(weights: str) -> bool:
     return weights != "none"
 
 
-def detection_norm_layer(weights: str) -> Callable[..., nn.Module]:
-    """As torchvision detection does: frozen BN statistics on pretrained weights (detection
-    batches are too small to re-estimate them), trainable BN when training from scratch."""
-    return FrozenBatchNorm2d if is_pretrained(weights) else nn.BatchNorm2d
+def detection_norm_layer(weights: str, norm: str = "batch") -> Callable[..., nn.Module]:
+    """The student trunk's normalisation. ``batch``: trainable BatchNorm (SeqNet trains every BN
+    but the stem's on ImageNet weights; batch statistics over its 5 scenes of ~300 RoIs each are
+    well estimated). ``frozen``: torchvision detection's choice, FrozenBatchNorm2d with the
+    pretrained statistics. From a random init there are no statistics to freeze: always ``batch``."""
+    if norm not in ("batch", "frozen"):
+        raise ValueError(f"unknown student norm {norm!r}; expected batch or frozen")
+    return FrozenBatchNorm2d if norm == "frozen" and is_pretrained(weights) else nn.BatchNorm2d
 
 
 def freeze_stem(model: resnet.ResNet) -> None:
-    """Freeze ``conv1``/``bn1`` (SeqNet/OIM practice on ImageNet weights: low-level filters transfer)."""
+    """Freeze ``conv1``/``bn1``'s parameters (SeqNet/OIM practice on ImageNet weights: low-level
+    filters transfer). As in SeqNet, a trainable ``bn1`` still updates its running statistics."""
     for module in (model.conv1, model.bn1):
         for param in module.parameters():
             param.requires_grad_(False)

@@ -25,6 +25,20 @@ def model_spec(role: str, cfg: Config, num_classes: int) -> dict[str, Any]:
     return {"role": role, "num_classes": int(num_classes), "config": cfg.to_dict()}
 
 
+def teacher_input_size(teacher: nn.Module, cfg: Config | None = None) -> tuple[int, int]:
+    """``(height, width)`` of the crops ``teacher`` was trained on: from its stored config
+    (``teacher.spec``, set by ``load_model``), else from ``cfg`` (a teacher being trained now,
+    whose run config is its own). Never take it from another run's config: a student's
+    ``teacher.input_*`` need not match the teacher it is given."""
+    stored = (getattr(teacher, "spec", None) or {}).get("config", {}).get("teacher")
+    if stored:
+        return int(stored["input_height"]), int(stored["input_width"])
+    if cfg is None:
+        raise ValueError(f"{type(teacher).__name__} has no stored config (spec) and no config was given: "
+                         "its input size is unknown")
+    return int(cfg.teacher.input_height), int(cfg.teacher.input_width)
+
+
 def build_model(spec: dict[str, Any]) -> nn.Module:
     """The untrained architecture a spec describes."""
     try:

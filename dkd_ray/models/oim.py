@@ -9,9 +9,12 @@ cross-entropy on the labelled samples (unlabelled ones are negatives only, via t
 Gradients reach the features, never the memories.
 
 Memory update after each training forward (no gradient), with the batch's features:
-- for every identity ``y`` in the batch: ``lut[y] <- normalise(m * lut[y] + (1 - m) * mean_y)``
-  where ``mean_y`` is the mean of the batch's features of ``y`` (order-independent, unlike the
-  original per-sample loop, so it is the same whichever order the samples come in);
+- ``update="sample"`` (the default, as OIM and SeqNet): one momentum step per labelled sample, in
+  batch order, ``lut[y] <- normalise(m * lut[y] + (1 - m) * x)``. A person seen by dozens of
+  proposals and FSA copies in one step moves its entry dozens of times (m^n of the old entry
+  survives). Computed in rounds: round r applies every identity's r-th sample at once, which
+  equals the sequential loop because different identities' updates commute;
+- ``update="mean"`` (an option): one step per identity towards the mean of its batch features;
 - unlabelled features are written at ``queue_ptr`` in batch order, wrapping around; if a batch
   holds more than ``Q`` of them only the last ``Q`` are kept.
 Under ``torch.distributed`` the features and labels of all workers are gathered first (rank
@@ -28,14 +31,18 @@ import torch.nn.functional as F
 from torch import nn
 
 UNLABELLED = -1
+OIM_UPDATES = ("sample", "mean")
 
 
 class OIMLoss(nn.Module):
     """``forward(features [N, d], pids [N]) -> scalar loss`` (``pids``: 0..K-1 labelled, -1 unlabelled)."""
 
     def __init__(self, embedding_dim: int, num_labelled: int, queue_size: int,
-                 scalar: float = 30.0, momentum: float = 0.5) -> None:
+                 scalar: float = 30.0, momentum: float = 0.5, update: str = "sample") -> None:
         super().__init__()
+        if update not in OIM_UPDATES:
+            raise ValueError(f"OIM update must be one of {OIM_UPDATES}, got {update!r}")
+        self.update_rule = update
         if num_labelled < 1 or queue_size < 1:
             raise ValueError(f"OIM needs num_labelled >= 1 and queue_size >= 1, got {num_labelled}, {queue_size}")
         if not 0.0 <= momentum < 1.0:
@@ -77,17 +84,35 @@ class OIMLoss(nn.Module):
         features, pids = gather_from_workers(features.float(), pids)
         labelled = pids >= 0
         if labelled.any():
-            ids, inverse = torch.unique(pids[labelled], return_inverse=True)
-            sums = features.new_zeros(len(ids), features.shape[1]).index_add_(0, inverse, features[labelled])
-            counts = torch.bincount(inverse, minlength=len(ids)).to(features.dtype)
-            mixed = self.momentum * self.lut[ids] + (1 - self.momentum) * sums / counts[:, None]
-            self.lut[ids] = F.normalize(mixed, dim=1)
+            if self.update_rule == "sample":
+                self._update_per_sample(features[labelled], pids[labelled])
+            else:
+                self._update_per_identity_mean(features[labelled], pids[labelled])
         unlabelled = features[pids == UNLABELLED][-self.queue_size:]
         n = unlabelled.shape[0]
         if n:
             slots = (self.queue_ptr + torch.arange(n, device=features.device)) % self.queue_size
             self.queue[slots] = unlabelled
             self.queue_ptr.copy_((self.queue_ptr + n) % self.queue_size)
+
+    def _update_per_sample(self, features: torch.Tensor, pids: torch.Tensor) -> None:
+        order = torch.argsort(pids, stable=True)  # stable: each identity's samples keep batch order
+        sorted_pids = pids[order]
+        starts = torch.searchsorted(sorted_pids, sorted_pids)  # first position of each sample's identity
+        occurrence = torch.empty_like(pids)
+        occurrence[order] = torch.arange(len(pids), device=pids.device) - starts
+        for r in range(int(occurrence.max()) + 1):
+            chosen = occurrence == r  # at most one sample per identity
+            ids = pids[chosen]
+            mixed = self.momentum * self.lut[ids] + (1 - self.momentum) * features[chosen]
+            self.lut[ids] = F.normalize(mixed, dim=1)
+
+    def _update_per_identity_mean(self, features: torch.Tensor, pids: torch.Tensor) -> None:
+        ids, inverse = torch.unique(pids, return_inverse=True)
+        sums = features.new_zeros(len(ids), features.shape[1]).index_add_(0, inverse, features)
+        counts = torch.bincount(inverse, minlength=len(ids)).to(features.dtype)
+        mixed = self.momentum * self.lut[ids] + (1 - self.momentum) * sums / counts[:, None]
+        self.lut[ids] = F.normalize(mixed, dim=1)
 
 
 def gather_from_workers(features: torch.Tensor, pids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

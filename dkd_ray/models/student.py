@@ -1,4 +1,4 @@
-"""The student: an end-to-end person search network (METHOD.md, part 2), OIM/SeqNet design.
+"""The student: an end-to-end person search network (docs/METHOD.md, "The student"), OIM/SeqNet design.
 
 Built from torchvision's detection pieces, read top to bottom:
 
@@ -78,6 +78,18 @@ class FloatRPNHead(RPNHead):
         return [t.float() for t in logits], [t.float() for t in deltas]
 
 
+class FloatAnchorGenerator(AnchorGenerator):
+    """AnchorGenerator that makes float32 anchors whatever the feature map's dtype: with trainable
+    BatchNorm under autocast the C4 map is bf16/fp16, and anchors in bf16 are off by up to 4 px
+    at 1500 px (8 bits of mantissa). Only the maps' shapes and device are read, so zero-stride
+    float32 stand-ins (one element each) replace them."""
+
+    def forward(self, image_list, feature_maps):
+        stand_ins = [torch.empty_strided(f.shape, (0,) * f.dim(), dtype=torch.float32, device=f.device)
+                     for f in feature_maps]
+        return super().forward(image_list, stand_ins)
+
+
 def labelled_ground_truth(targets: list[dict]) -> dict:
     """The labelled ground-truth boxes of a batch, in the order every ``gt`` tensor uses: images in
     batch order, boxes in target order. A training loop calls this before the forward to fetch
@@ -125,8 +137,12 @@ class PersonSearchRoIHeads(RoIHeads):
         return self.box_head(self.box_roi_pool(features, boxes, image_shapes))
 
     def forward_train(self, features, proposals, image_shapes, targets):
-        """``(losses, {"embeddings", "oim_logits"})`` for one batch; ``targets`` hold transformed
-        ``boxes``, ``labels`` (all 1: person) and ``pids``."""
+        """``(losses, outputs)`` for one batch; ``targets`` hold transformed ``boxes``, ``labels``
+        (all 1: person) and ``pids``. ``outputs``: ``embeddings`` and ``oim_logits`` of the exact
+        labelled gt boxes (``[M, d]``, ``[M, K]``), and the same for every Re-ID row of a labelled
+        person (``matched_embeddings``, ``matched_oim_logits``: the gt boxes, the foreground
+        proposals matched to a labelled box and the FSA copies) with ``matched_rows`` ``[R]``,
+        the gt row (0..M-1) each belongs to."""
         proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
 
         # Extra RoIs per image: the exact labelled gt boxes (for distillation), then their FSA copies.
@@ -153,15 +169,32 @@ class PersonSearchRoIHeads(RoIHeads):
         foreground = torch.cat(labels) > 0
         proposal_pids = torch.cat([t["pids"][m] if len(t["pids"]) else torch.full_like(m, -1)  # no people: all bg
                                    for t, m in zip(targets, matched_idxs)])[foreground]
+        # The gt row (labelled_ground_truth order) of each proposal's matched box, -1 if unlabelled.
+        gt_row_of_box, offset = [], 0
+        for t in targets:
+            labelled = t["pids"] >= 0
+            rows = torch.full_like(t["pids"], -1)
+            rows[labelled] = torch.arange(int(labelled.sum()), device=rows.device) + offset
+            offset += int(labelled.sum())
+            gt_row_of_box.append(rows)
+        proposal_rows = torch.cat([r[m] if len(r) else torch.full_like(m, -1)
+                                   for r, m in zip(gt_row_of_box, matched_idxs)])[foreground]
         embeddings = self.reid_head(torch.cat([proposal_features[foreground], extra_features]))
         n_fg = int(foreground.sum())
         proposal_emb, extra_emb = embeddings[:n_fg], embeddings[n_fg:]
         gt_emb = extra_emb[is_exact_gt]
-        oim_logits = self.oim.labelled_logits(gt_emb)  # before the OIM step updates the table
+        fsa_rows = torch.arange(len(gt_emb), device=gt_emb.device).repeat_interleave(self.fsa_num)
+        labelled_proposals = proposal_rows >= 0
+        matched_emb = torch.cat([gt_emb, proposal_emb[labelled_proposals], extra_emb[~is_exact_gt]])
+        matched_rows = torch.cat([torch.arange(len(gt_emb), device=gt_emb.device),
+                                  proposal_rows[labelled_proposals], fsa_rows])
+        matched_logits = self.oim.labelled_logits(matched_emb)  # before the OIM step updates the table
         loss_oim = self.oim(torch.cat([proposal_emb, extra_emb[~is_exact_gt]]),
                             torch.cat([proposal_pids, torch.cat(fsa_pids)]))
         losses = {"loss_box_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_oim": loss_oim}
-        return losses, {"embeddings": gt_emb, "oim_logits": oim_logits}
+        m = len(gt_emb)
+        return losses, {"embeddings": gt_emb, "oim_logits": matched_logits[:m], "matched_embeddings": matched_emb,
+                        "matched_oim_logits": matched_logits, "matched_rows": matched_rows}
 
     def forward_eval(self, features, proposals, image_shapes, embed: bool = True) -> list[dict[str, torch.Tensor]]:
         class_logits, box_regression = self.box_predictor(self._box_features(features, proposals, image_shapes))
@@ -283,12 +316,12 @@ def build_student(cfg: Config, num_train_ids: int) -> PersonSearchNet:
     """The student of ``cfg.student`` over ``num_train_ids`` labelled identities; the transform
     uses ``cfg.data.short_side``/``max_side`` (the dataset's sizes, so it does not resize again)."""
     s = cfg.student
-    trunk = build_resnet(s.backbone, s.backbone_weights, detection_norm_layer(s.backbone_weights))
+    trunk = build_resnet(s.backbone, s.backbone_weights, detection_norm_layer(s.backbone_weights, s.norm))
     if is_pretrained(s.backbone_weights):
         freeze_stem(trunk)
     backbone, box_head = ResNetC4(trunk), ResNetRes5Head(trunk)
 
-    anchors = AnchorGenerator(sizes=(tuple(s.anchor_sizes),), aspect_ratios=(ANCHOR_ASPECT_RATIOS,))
+    anchors = FloatAnchorGenerator(sizes=(tuple(s.anchor_sizes),), aspect_ratios=(ANCHOR_ASPECT_RATIOS,))
     rpn = RegionProposalNetwork(
         anchors, FloatRPNHead(backbone.out_channels, anchors.num_anchors_per_location()[0]),
         RPN_FG_IOU, RPN_BG_IOU, RPN_BATCH_PER_IMAGE, RPN_POSITIVE_FRACTION,
@@ -298,7 +331,7 @@ def build_student(cfg: Config, num_train_ids: int) -> PersonSearchNet:
     roi_heads = PersonSearchRoIHeads(
         MultiScaleRoIAlign([FEATURE], s.roi_output_size, ROI_SAMPLING_RATIO), box_head,
         FastRCNNPredictor(box_head.out_channels, 2), EmbeddingHead(box_head.out_channels, s.embedding_dim),
-        OIMLoss(s.embedding_dim, num_train_ids, s.oim_queue_size, s.oim_scalar, s.oim_momentum),
+        OIMLoss(s.embedding_dim, num_train_ids, s.oim_queue_size, s.oim_scalar, s.oim_momentum, s.oim_update),
         fsa_num=s.fsa_num, fsa_strength=s.fsa_strength, batch_size_per_image=s.box_batch_size_per_image,
         score_thresh=s.box_score_thresh, nms_thresh=s.box_nms_thresh, detections_per_img=s.detections_per_img)
     transform = SceneTransform(cfg.data.short_side, cfg.data.max_side, list(IMAGENET_MEAN), list(IMAGENET_STD))

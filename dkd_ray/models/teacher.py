@@ -1,4 +1,4 @@
-"""The teacher: a "bag of tricks" Re-ID network on person crops (METHOD.md, part 1).
+"""The teacher: a "bag of tricks" Re-ID network on person crops (docs/METHOD.md, "The teacher").
 
 ResNet trunk with the last stride set to 1 (a 16x8 map for 256x128 crops instead of 8x4), global
 average pooling, a BN-neck (BatchNorm1d with a frozen zero bias) and a bias-free identity

@@ -83,7 +83,7 @@ def crown(champion: TrialSummary, cfg: Config, settings: dict[str, Any], *, data
         log_teacher_model(stage, cfg, tracker, {k.removeprefix("teacher_gt/"): v for k, v in stage.metrics.items()},
                           alias=ALIAS)
     else:
-        annotations = load_annotations(_layout(cfg), data_root)
+        annotations = load_annotations(_layout(cfg), data_root, box_rule=cfg.data.box_rule)
         report_student(stage, cfg, annotations, EvaluationArrays.load(evaluated / "evaluation"),
                        settings.get("teacher_ref", ""), tracker, output_dir, alias=ALIAS)
     tracker.end()

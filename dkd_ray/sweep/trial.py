@@ -55,6 +55,7 @@ def run_trial(params: dict[str, Any], settings: dict[str, Any]) -> None:
     name = trial_run_name(trial_id)
     loop_config = {"config": cfg.to_dict(), "data_root": settings["data_root"], "run_name": name,
                    "teacher_ref": settings.get("teacher_ref", ""), "bank_path": settings.get("bank_path", ""),
+                   "tracking_uri": settings.get("tracking_uri", ""),  # where an online teacher's models:/ URI lives
                    "build_bank": False}
     fit(loop, loop_config, cfg, name=name, storage_path=settings["trials_storage"],
         callbacks=[EpochResults(settings["metric"])])

@@ -34,17 +34,32 @@ def warmup_multistep(optimizer: torch.optim.Optimizer, *, warmup_iters: int, mil
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def scaled_lr(base_lr: float, world_size: int) -> float:
-    """Linear scaling rule: ``base_lr`` is for one worker's batch; N workers see N times the batch."""
-    return base_lr * world_size
+def scaled_lr(base_lr: float, world_size: int, rule: str = "linear") -> float:
+    """``base_lr`` is for one worker's batch; N workers see N times the batch.
+    ``linear`` (Goyal et al.: SGD, the student), ``sqrt`` (the square-root rule for adaptive
+    optimisers such as Adam, whose update size does not grow with the gradient: the teacher),
+    or ``none``."""
+    factors = {"linear": float(world_size), "sqrt": float(world_size) ** 0.5, "none": 1.0}
+    if rule not in factors:
+        raise ValueError(f"unknown LR scaling rule {rule!r}; expected one of {sorted(factors)}")
+    return base_lr * factors[rule]
+
+
+def amp_dtype(capability_major: int, is_rocm: bool = False) -> torch.dtype:
+    """bf16 where the GPU computes it natively (compute capability 8.0+: A100, H100, L4, ...; ROCm),
+    else fp16 with a GradScaler. V100 (7.0) and T4 (7.5) only emulate bf16, many times slower,
+    which ``torch.cuda.is_bf16_supported()`` counts as supported by default."""
+    return torch.bfloat16 if is_rocm or capability_major >= 8 else torch.float16
 
 
 class Precision:
-    """Autocast + GradScaler on CUDA (bf16 where supported: no scaler needed), plain fp32 on CPU."""
+    """Autocast on CUDA (bf16 where native, else fp16 with a GradScaler), plain fp32 on CPU."""
 
     def __init__(self, device: torch.device, enabled: bool) -> None:
         self.enabled = enabled and device.type == "cuda"
-        self.dtype = torch.bfloat16 if self.enabled and torch.cuda.is_bf16_supported() else torch.float16
+        self.dtype = torch.float32
+        if self.enabled:
+            self.dtype = amp_dtype(torch.cuda.get_device_capability(device)[0], bool(torch.version.hip))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.enabled and self.dtype == torch.float16)
         self.device_type = device.type
 
@@ -61,6 +76,28 @@ class Precision:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         self.scaler.step(optimizer)
         self.scaler.update()
+
+
+class TrainingAborted(RuntimeError):
+    """A deterministic failure every rank agreed on (e.g. a non-finite loss): restarting from the
+    last checkpoint would fail the same way, so the run ends at once instead of being retried."""
+
+
+def check_finite_loss(role: str, losses: dict[str, torch.Tensor], iteration: int, device: torch.device,
+                      world_size: int) -> None:
+    """Raise ``TrainingAborted`` on every rank when the loss is non-finite on any rank (every rank
+    must call it each step: one all-reduce of one number). All ranks stop together: a rank that
+    raised alone would leave the others waiting in the next collective until a timeout."""
+    local = [name for name, value in losses.items() if not bool(torch.isfinite(value.detach()).all())]
+    flag = torch.tensor([1.0 if local else 0.0], device=device)
+    if world_size > 1:
+        torch.distributed.all_reduce(flag)
+    if float(flag) > 0:
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        raise TrainingAborted(
+            f"{role} loss is non-finite at iteration {iteration} on {int(float(flag))} of {world_size} worker(s) "
+            f"(this worker's terms: {values}); the run is stopped, not retried. Usual causes: a learning "
+            f"rate too high for this batch size (see the config's lr and lr_scaling), or bad input values.")
 
 
 def wrap_ddp(model: nn.Module, device: torch.device, world_size: int, *, sync_buffers_each_forward: bool) -> nn.Module:
@@ -140,7 +177,21 @@ def after_step_hooks(iteration: int, rank: int, batch_key: str) -> None:
         os._exit(17)
 
 
-def loader_generator(seed: int, epoch: int) -> torch.Generator:
+def injected_faults(losses: dict[str, torch.Tensor], iteration: int, rank: int) -> dict[str, torch.Tensor]:
+    """Test hook, off unless ``DKD_NAN_AT_ITERATION`` is set (it reaches Ray workers too): at that
+    iteration (0-based, before the step) the worker of rank ``DKD_NAN_RANK`` (default 1, else 0
+    when alone) sees a NaN loss, as a diverging run would."""
+    import os
+
+    at = os.environ.get("DKD_NAN_AT_ITERATION")
+    if not at or iteration != int(at) or rank != int(os.environ.get("DKD_NAN_RANK", "1")):
+        return losses
+    first = next(iter(losses))
+    return {**losses, first: losses[first] * float("nan")}
+
+
+def loader_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
     """The DataLoader's own RNG: creating an iterator otherwise draws from the global RNG, which
-    would shift every later random draw of a run resumed mid-epoch."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    would shift every later random draw of a run resumed mid-epoch. One stream per rank: it seeds
+    the loader processes, and ranks must not share their random draws."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_009 + rank)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dkd_ray.config import Config
+from dkd_ray.train.common import TrainingAborted
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def fit(loop: Callable[[dict[str, Any]], Any], loop_config: dict[str, Any], cfg:
     if "://" not in storage:  # lets a restarted worker find checkpoints Ray had not registered yet
         loop_config["run_dir"] = str(Path(storage) / name)
     trainer = TorchTrainer(
-        loop,
+        StopOnAbort(loop),
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=gpu,
@@ -91,4 +92,40 @@ def fit(loop: Callable[[dict[str, Any]], Any], loop_config: dict[str, Any], cfg:
     )
     log.info("Ray Train run %s: %d worker(s), %s, storage %s", name, cfg.train.num_workers,
              "GPU/NCCL" if gpu else "CPU/gloo", storage)
-    return trainer.fit()
+    result = trainer.fit()
+    aborted = (result.metrics or {}).get(ABORTED)
+    if aborted:
+        raise TrainingAborted(f"Ray Train run {name}: {aborted}")
+    return result
+
+
+ABORTED = "aborted"
+
+
+class StopOnAbort:
+    """Wraps a training loop: a ``TrainingAborted`` raised by every rank (a deterministic failure)
+    is reported as the run's last result and the workers return normally, so Ray Train does not
+    spend ``max_failures`` restarting into the same failure; ``fit`` then raises it on the driver.
+    Lost workers and other errors still raise, and are retried."""
+
+    def __init__(self, loop: Callable[[dict[str, Any]], Any]) -> None:
+        self.loop = loop
+        self.__name__ = getattr(loop, "__name__", "train_loop")
+
+    def __call__(self, config: dict[str, Any]) -> Any:
+        import tempfile
+
+        import ray.train
+
+        try:
+            return self.loop(config)
+        except TrainingAborted as error:
+            # With a checkpoint: Result.metrics are those of the latest checkpoint. It holds no
+            # training state (no meta.json), so resuming still picks the last real checkpoint.
+            with tempfile.TemporaryDirectory(prefix="dkd-aborted-") as tmp:
+                checkpoint = None
+                if ray.train.get_context().get_world_rank() == 0:
+                    Path(tmp, "ABORTED.txt").write_text(f"{error}\n")
+                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report({ABORTED: str(error)}, checkpoint=checkpoint, checkpoint_dir_name="aborted")
+            return None

@@ -19,12 +19,12 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader
 
 from dkd_ray.config import Config
-from dkd_ray.data.datasets import SceneDataset, collate_scenes
+from dkd_ray.data.datasets import SceneDataset, collate_scenes, labelled_box_rows
 from dkd_ray.data.samplers import SkipBatches, scene_sampler
 from dkd_ray.data.splits import validation_split
 from dkd_ray.models.student import labelled_ground_truth
-from dkd_ray.train.common import (Precision, after_step_hooks, equalize_batch_norm_statistics,
-                                  loader_generator, mean_across_workers, scaled_lr, seed_everything,
+from dkd_ray.train.common import (Precision, after_step_hooks, check_finite_loss, equalize_batch_norm_statistics,
+                                  injected_faults, loader_generator, mean_across_workers, scaled_lr, seed_everything,
                                   targets_to, warmup_multistep, wrap_ddp)
 from dkd_ray.train.session import Session, current_session
 from dkd_ray.train.tracking_hooks import epoch_tracker
@@ -34,26 +34,46 @@ from dkd_ray.train.workdata import load_training_annotations
 log = logging.getLogger(__name__)
 
 
-def build_teacher_knowledge(cfg: Config, loop_config: dict[str, Any], device: torch.device):
+def build_teacher_knowledge(cfg: Config, loop_config: dict[str, Any], device: torch.device, annotations=None):
     """A callable ``(images, targets) -> (teacher_emb, teacher_logits)`` over the batch's labelled
-    boxes (in the order the student's gt dict uses), or None when distillation is off."""
+    boxes (in the order the student's gt dict uses), or None when distillation is off.
+
+    ``annotations``: what the student trains on (a validation view included); the bank must have
+    been built on the same table (fingerprint) and over its ``num_train_ids`` classes. The online
+    teacher (``teacher_ref``: checkpoint folder, MLflow URI or run id, resolved against the run's
+    MLflow) gets crops of its own stored input size, not this run's ``teacher.input_*``."""
     if not cfg.distill.enabled or not any((cfg.distill.prob_weight, cfg.distill.pair_weight, cfg.distill.tri_weight)):
         return None, None
+    num_classes = annotations.num_train_ids if annotations is not None else None
     if cfg.distill.use_bank:
         from dkd_ray.distill.bank import KnowledgeBank
 
-        bank = KnowledgeBank.load(loop_config["bank_path"], device=device)
+        bank = KnowledgeBank.load(loop_config["bank_path"], device=device, num_classes=num_classes,
+                                  annotations_fingerprint=None if annotations is None else annotations.images.fingerprint())
 
         def from_bank(images, targets):
             keys = labelled_ground_truth(targets)
             return bank.lookup(keys["box_index"], keys["flipped"])
 
+        if cfg.distill.contrast == "prototypes" and annotations is not None:  # keys of the triplet-wise term
+            train_boxes = torch.zeros(len(annotations.images.pids), dtype=torch.bool)
+            train_boxes[torch.from_numpy(labelled_box_rows(annotations, "train"))] = True
+            box_pids = torch.from_numpy(annotations.images.pids.astype("int64")).where(train_boxes, -1)
+            from_bank.prototypes = bank.identity_prototypes(box_pids, annotations.num_train_ids)
         return from_bank, bank.embedding_dim
     from dkd_ray.distill.online import OnlineTeacher
-    from dkd_ray.tracking import load_model
+    from dkd_ray.models.loading import load_model, teacher_input_size
 
-    teacher = load_model(loop_config["teacher_ref"]).to(device).eval()
-    online = OnlineTeacher(teacher, (cfg.teacher.input_height, cfg.teacher.input_width))
+    ref = loop_config.get("teacher_ref") or ""
+    if not ref:
+        raise ValueError("distill.use_bank=false (online teacher) needs a teacher: loop_config['teacher_ref'] "
+                         "(a checkpoint folder, an MLflow model URI or a run id) is empty")
+    uri = (loop_config.get("mlflow") or {}).get("uri") or loop_config.get("tracking_uri")
+    teacher = load_model(ref, role="teacher", map_location=device, uri=uri).to(device).eval()
+    if num_classes is not None and int(teacher.num_classes) != int(num_classes):
+        raise ValueError(f"teacher {ref!r} has {teacher.num_classes} classes, but the student trains on "
+                         f"{num_classes} identities: use a teacher trained on this dataset")
+    online = OnlineTeacher(teacher, teacher_input_size(teacher))
 
     def from_teacher(images, targets):
         return online(images, labelled_ground_truth(targets)["boxes"])
@@ -87,15 +107,19 @@ def train_student(loop_config: dict[str, Any], session: Session | None = None) -
     batches = BatchSampler(sampler, scfg.batch_size, drop_last=False)
     iters_per_epoch = len(batches)
 
-    knowledge, teacher_dim = build_teacher_knowledge(cfg, loop_config, session.device)
+    knowledge, teacher_dim = build_teacher_knowledge(cfg, loop_config, session.device, annotations)
     student = build_student(cfg, annotations.num_train_ids)
     distill = DistillationLoss(cfg.distill, scfg.embedding_dim, teacher_dim) if knowledge else None
+    if distill is not None and cfg.distill.contrast == "prototypes":
+        distill.set_prototypes(knowledge.prototypes)
+    kd_ramp_iters = round(cfg.distill.ramp_epochs * iters_per_epoch)
     model = wrap_ddp(DistilledStudent(student, distill), session.device, session.world_size,
                      sync_buffers_each_forward=False)  # OIM buffers stay identical by their own all-gather
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=scaled_lr(scfg.lr, session.world_size), momentum=scfg.momentum,
                                 weight_decay=scfg.weight_decay)
-    scheduler = warmup_multistep(optimizer, warmup_iters=scfg.warmup_iters,
+    scheduler = warmup_multistep(optimizer, warmup_iters=round(scfg.warmup_epochs * iters_per_epoch),
+                                 warmup_factor=scfg.warmup_factor,
                                  milestones=[m * iters_per_epoch for m in scfg.lr_steps], gamma=scfg.lr_gamma)
     precision = Precision(session.device, cfg.train.amp)
 
@@ -113,7 +137,7 @@ def train_student(loop_config: dict[str, Any], session: Session | None = None) -
         loader = DataLoader(scenes, batch_sampler=SkipBatches(batches, progress.batches_done),
                             num_workers=cfg.data.loader_workers, collate_fn=collate_scenes,
                             pin_memory=session.device.type == "cuda",
-                            generator=loader_generator(cfg.train.seed, progress.epoch))
+                            generator=loader_generator(cfg.train.seed, progress.epoch, session.rank))
         model.train()
         sums: dict[str, float] = {}
         seen, images_seen, started = 0, 0, time.perf_counter()
@@ -125,10 +149,12 @@ def train_student(loop_config: dict[str, Any], session: Session | None = None) -
                 teacher_emb, teacher_logits = knowledge(images, targets)
             with precision.autocast():
                 losses = model(images, targets, teacher_emb, teacher_logits)
+            if kd_ramp_iters and progress.iteration < kd_ramp_iters:  # KD weights ramp up from 0
+                ramp = (progress.iteration + 1) / kd_ramp_iters
+                losses = {k: v * ramp if k.startswith("loss_kd") else v for k, v in losses.items()}
+            losses = injected_faults(losses, progress.iteration, session.rank)
             loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"student loss is {float(loss)} at iteration {progress.iteration}: "
-                                         f"{ {k: float(v) for k, v in losses.items()} }")
+            check_finite_loss("student", losses, progress.iteration, session.device, session.world_size)
             optimizer.zero_grad(set_to_none=True)
             precision.step(loss, optimizer, max_grad_norm=10.0)
             scheduler.step()

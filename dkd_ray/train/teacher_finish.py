@@ -70,14 +70,20 @@ def evaluate_teacher_on_ground_truth(teacher: torch.nn.Module, annotations: Anno
 
 def build_bank_shard(teacher: torch.nn.Module, annotations: Annotations, cfg: Config, session: Session,
                      directory: Path, metadata: dict | None = None) -> Path:
-    """This worker's part of the knowledge bank under ``directory/bank/``."""
-    from dkd_ray.distill.bank import build_knowledge_bank_sharded
+    """This worker's part of the knowledge bank under ``directory/bank/``. Crops have the
+    teacher's own input size (its stored config; ``cfg`` only for a teacher without one, i.e.
+    the one this run trains). The bank records that size and the annotations' fingerprint
+    (``box_index`` rows refer to ``annotations.images``; a validation view has its full table's)."""
+    from dkd_ray.distill.bank import FINGERPRINT_KEY, TEACHER_INPUT_KEY, build_knowledge_bank_sharded
+    from dkd_ray.models.loading import teacher_input_size
 
+    crop_size = teacher_input_size(teacher, cfg)
     rows = labelled_box_rows(annotations, "train")[session.rank :: session.world_size]
-    crops = PersonCropDataset(annotations, rows, crop_size=(cfg.teacher.input_height, cfg.teacher.input_width))
+    crops = PersonCropDataset(annotations, rows, crop_size=crop_size)
     loader = DataLoader(crops, batch_size=64, num_workers=cfg.data.loader_workers)
     batches = ((images, box_index, image_index) for images, _, box_index, image_index in loader)
+    facts = {"dataset": cfg.data.dataset, TEACHER_INPUT_KEY: list(crop_size),
+             FINGERPRINT_KEY: annotations.images.fingerprint()}
     return build_knowledge_bank_sharded(
         teacher, batches, directory / BANK_DIR, shard_index=session.rank, num_shards=session.world_size,
-        device=session.device, metadata={"dataset": cfg.data.dataset, **(metadata or {})},
-        progress=session.is_main)
+        device=session.device, metadata={**facts, **(metadata or {})}, progress=session.is_main)

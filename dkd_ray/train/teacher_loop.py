@@ -21,8 +21,8 @@ from dkd_ray.config import Config
 from dkd_ray.data.datasets import PersonCropDataset, labelled_box_rows
 from dkd_ray.data.samplers import PKBatchSampler, SkipBatches
 from dkd_ray.data.splits import validation_split
-from dkd_ray.train.common import (Precision, after_step_hooks, equalize_batch_norm_statistics,
-                                  loader_generator, mean_across_workers, scaled_lr, seed_everything, unwrap,
+from dkd_ray.train.common import (Precision, after_step_hooks, check_finite_loss, equalize_batch_norm_statistics,
+                                  injected_faults, loader_generator, mean_across_workers, scaled_lr, seed_everything, unwrap,
                                   warmup_multistep, wrap_ddp)
 from dkd_ray.train.session import Session, current_session
 from dkd_ray.train.tracking_hooks import epoch_tracker
@@ -54,9 +54,9 @@ def train_teacher(loop_config: dict[str, Any], session: Session | None = None) -
     rows = labelled_box_rows(annotations, "train")
     crops = PersonCropDataset(
         annotations, rows, crop_size=(tcfg.input_height, tcfg.input_width), isa_strength=tcfg.isa_strength,
-        flip_prob=0.5, random_erasing=tcfg.random_erasing, seed=cfg.train.seed)
+        flip_prob=0.5, random_erasing=tcfg.random_erasing, pad=tcfg.pad, seed=cfg.train.seed)
     sampler = PKBatchSampler(crops.pids, tcfg.p_identities, tcfg.k_instances, rank=session.rank,
-                             world_size=session.world_size, seed=cfg.train.seed)
+                             world_size=session.world_size, seed=cfg.train.seed, epoch_unit=tcfg.epoch_unit)
     iters_per_epoch = len(sampler)
     if iters_per_epoch == 0:
         raise ValueError(f"teacher: too few identities for P={tcfg.p_identities} on {session.world_size} worker(s)")
@@ -64,7 +64,7 @@ def train_teacher(loop_config: dict[str, Any], session: Session | None = None) -
     model = build_teacher(tcfg, annotations.num_train_ids)
     criterion = TeacherCriterion(tcfg.label_smoothing, tcfg.triplet_margin)
     model = wrap_ddp(model, session.device, session.world_size, sync_buffers_each_forward=True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=scaled_lr(tcfg.lr, session.world_size),
+    optimizer = torch.optim.Adam(model.parameters(), lr=scaled_lr(tcfg.lr, session.world_size, tcfg.lr_scaling),
                                  weight_decay=tcfg.weight_decay)
     scheduler = warmup_multistep(optimizer, warmup_iters=tcfg.warmup_epochs * iters_per_epoch,
                                  milestones=[m * iters_per_epoch for m in tcfg.lr_steps])
@@ -86,7 +86,7 @@ def train_teacher(loop_config: dict[str, Any], session: Session | None = None) -
         sampler.set_epoch(progress.epoch)
         loader = DataLoader(crops, batch_sampler=SkipBatches(sampler, progress.batches_done),
                             num_workers=cfg.data.loader_workers, pin_memory=session.device.type == "cuda",
-                            generator=loader_generator(cfg.train.seed, progress.epoch))
+                            generator=loader_generator(cfg.train.seed, progress.epoch, session.rank))
         model.train()
         sums: dict[str, float] = {}
         seen, started = 0, time.perf_counter()
@@ -95,7 +95,9 @@ def train_teacher(loop_config: dict[str, Any], session: Session | None = None) -
             with precision.autocast():
                 outputs = model(images)
             losses = criterion({k: v.float() for k, v in outputs.items()}, pids)
+            losses = injected_faults(losses, progress.iteration, session.rank)
             loss = sum(losses.values())
+            check_finite_loss("teacher", losses, progress.iteration, session.device, session.world_size)
             optimizer.zero_grad(set_to_none=True)
             precision.step(loss, optimizer)
             scheduler.step()

@@ -42,4 +42,4 @@ def load_training_annotations(loop_config: dict[str, Any]) -> Annotations:
     from dkd_ray.data import load_annotations
 
     cfg = Config.from_dict(loop_config["config"])
-    return load_annotations(dataset_layout(cfg), loop_config["data_root"])
+    return load_annotations(dataset_layout(cfg), loop_config["data_root"], box_rule=cfg.data.box_rule)

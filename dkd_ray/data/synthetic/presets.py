@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-PRESETS = ("tiny", "small", "full")
+PRESETS = ("tiny", "small", "learning", "full")
 
 
 @dataclass(frozen=True)
@@ -83,6 +83,25 @@ _CUHK_SYSU = {
         images_per_train_identity=(3, 5),
         images_per_test_identity=(2, 4),
         gallery_sizes=(25, 50, 100),
+        image_width=(320, 480),
+        aspect_ratios=(4 / 3, 3 / 2, 16 / 9),
+        zero_area_boxes=6,
+    ),
+    # The learning benchmark (bench/learning.py): enough queries (200) and gallery scenes (300) to
+    # separate a few mAP points, more identities with fewer sightings each than `small`, so that
+    # Re-ID (not detection) limits the score.
+    "learning": CuhkSysuConfig(
+        train_images=300,
+        test_images=300,
+        train_identities=120,
+        test_identities=200,
+        train_boxes=1000,
+        test_boxes=1000,
+        train_labelled=480,
+        test_labelled=620,
+        images_per_train_identity=(3, 5),
+        images_per_test_identity=(2, 4),
+        gallery_sizes=(50, 100),
         image_width=(320, 480),
         aspect_ratios=(4 / 3, 3 / 2, 16 / 9),
         zero_area_boxes=6,
@@ -182,6 +201,8 @@ def preset_config(layout: str, preset: str, overrides: dict[str, Any]) -> CuhkSy
         raise ValueError(f"unknown layout {layout!r}; expected one of {tuple(_CONFIGS)}")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {PRESETS}")
+    if preset not in _CONFIGS[layout]:
+        raise ValueError(f"preset {preset!r} has no {layout} layout; {layout} presets: {sorted(_CONFIGS[layout])}")
     config = _CONFIGS[layout][preset]
     known = {f.name: f for f in dataclasses.fields(config)}
     unknown = sorted(set(overrides) - set(known))

@@ -1,6 +1,6 @@
 """Ground truth of a generated folder, for tests and for the job's report.
 
-Counts follow the readers' rules (DATASETS.md): zero-area boxes are dropped (and counted
+Counts follow the readers' rules (docs/DATASETS.md): zero-area boxes are dropped (and counted
 apart), everything else is kept; "labelled" means a box with an identity. Nothing here is
 written inside the dataset folder, which holds only what the real benchmark holds.
 """
