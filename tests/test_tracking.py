@@ -210,7 +210,7 @@ def test_disabled_tracker_does_nothing(server, example):
 
 def _warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records
-            if r.name == "dkd_ray.tracking" and r.levelno == logging.WARNING and "unreachable" in r.getMessage()]
+            if r.name.startswith("dkd_ray.tracking") and r.levelno == logging.WARNING and "unreachable" in r.getMessage()]
 
 
 def test_unreachable_server_warns_once_and_backs_off(caplog, example):

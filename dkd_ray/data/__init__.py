@@ -19,8 +19,8 @@ _LAZY = {
     "parse_prw": "prw",
     "DatasetError": "matlab",
     "validate_dataset": "validate",
-    "ValidationReport": "validate",
-    "Problem": "validate",
+    "ValidationReport": "report",
+    "Problem": "report",
 }
 
 __all__ = ["Annotations", "GalleryProtocol", "ImageTable", "QueryTable", *_LAZY]

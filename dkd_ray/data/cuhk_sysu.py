@@ -38,7 +38,8 @@ from .matlab import (
     struct_field,
     struct_records,
 )
-from .validate import SYNTHETIC_SIZES_FILE, ValidationReport, read_image_sizes
+from .image_sizes import read_image_sizes
+from .report import SYNTHETIC_SIZES_FILE, ValidationReport
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,8 @@ from .annotations import (
     match_box,
 )
 from .matlab import DatasetError, as_matrix, cell_strings, get_variable, load_mat
-from .validate import SYNTHETIC_SIZES_FILE, ValidationReport, read_image_sizes
+from .image_sizes import read_image_sizes
+from .report import SYNTHETIC_SIZES_FILE, ValidationReport
 
 log = logging.getLogger(__name__)
 
