@@ -3,19 +3,47 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import Callable, NoReturn
 
 from dkd_ray.config import PRESETS, Config, ConfigError, preset
+from dkd_ray.errors import EXIT_BAD_INPUT, InputError
 
 DATASETS = ("cuhk_sysu", "prw", "synthetic")
 
 
+def fail(message: str) -> NoReturn:
+    """Bad input: one line on stderr, exit status 2 (argparse's), no traceback."""
+    print("error: " + " ".join(str(message).split()), file=sys.stderr, flush=True)  # one line, always
+    raise SystemExit(EXIT_BAD_INPUT)
+
+
+def exits_on_bad_input(main: Callable[..., int]) -> Callable[..., int]:
+    """A job's ``main`` whose bad input (any ``InputError``: a dataset, config value, model
+    reference, array file; also from a Ray worker, which ``fit`` re-raises) ends in ``fail``."""
+
+    @functools.wraps(main)
+    def guarded(*args, **kwargs) -> int:
+        quiet_libraries()  # their INFO lines (e.g. MLflow creating its database) are not for stderr
+        try:
+            return main(*args, **kwargs)
+        except InputError as error:
+            fail(str(error))
+
+    return guarded
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
-    for noisy in ("urllib3", "alembic", "matplotlib", "PIL", "filelock"):
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    for noisy in ("urllib3", "alembic", "matplotlib", "PIL", "filelock", "mlflow.store.db.utils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -67,14 +95,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if weights not in ("imagenet", "none"):  # a file: workers run in other folders
             path = Path(weights).expanduser().resolve()
             if not path.is_file():
-                raise SystemExit(f"error: --backbone-weights {weights}: no such file (expected imagenet, none "
-                                 "or the path of a state dict)")
+                fail(f"--backbone-weights {weights}: no such file (expected imagenet, none or the path of a "
+                     "state dict)")
             weights = str(path)
         overrides += [f"teacher.backbone_weights={weights}", f"student.backbone_weights={weights}"]
     try:
         return preset(name, overrides + list(args.overrides))
     except ConfigError as err:
-        raise SystemExit(f"error: {err}") from None
+        fail(str(err))
 
 
 def experiment_name(args: argparse.Namespace, cfg: Config) -> str:

@@ -17,12 +17,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from dkd_ray.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError, ValueError):
     """A configuration key or value is invalid; the message names the key."""
 
 
@@ -214,6 +217,12 @@ class Config:
     # ------------------------------------------------------------------ validation
     def validate(self) -> Config:
         d, t, s, k, tr = self.data, self.teacher, self.student, self.distill, self.train
+        for section in dataclasses.fields(self):  # nan/inf pass every comparison below or poison training
+            values = getattr(self, section.name)
+            for item in dataclasses.fields(values) if dataclasses.is_dataclass(values) else ():
+                value = getattr(values, item.name)
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f"invalid value for {section.name}.{item.name}: {value!r} (expected a finite number)")
         _check(d.dataset in ("cuhk_sysu", "prw", "synthetic"), "data.dataset", d.dataset,
                "one of cuhk_sysu, prw, synthetic")
         _check(d.synthetic_preset in ("tiny", "small", "learning"), "data.synthetic_preset", d.synthetic_preset,

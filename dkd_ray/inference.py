@@ -15,10 +15,22 @@ import numpy as np
 import torch
 
 from dkd_ray.data.annotations import Annotations
-from dkd_ray.data.datasets import crop_and_resize, load_image
+from dkd_ray.data.datasets import crop_and_resize
+from dkd_ray.data.datasets import load_image as _decode
+from dkd_ray.data.matlab import DatasetError
 from dkd_ray.data.transforms import resize_scene
 
 PerImage = tuple[list[int], list[np.ndarray], list[np.ndarray], list[np.ndarray]]
+
+
+def load_image(path) -> torch.Tensor:
+    """An evaluation image, or bad input naming it: a test image cannot be skipped without
+    changing the protocol, and a retry would read the same bytes."""
+    try:
+        return _decode(path)
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DatasetError(path, f"unreadable image ({type(error).__name__}: {error}); run "
+                                 "jobs/validate_dataset.py for the full list") from None
 
 
 def _scaled_images(annotations: Annotations, rows: Iterable[int], short_side: int, max_side: int):

@@ -27,18 +27,23 @@ is refused here, before any trial starts).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dkd_ray.config import PRESETS, ConfigError, preset
+from dkd_ray.errors import InputError
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "grid")
+# What trials report per epoch (on the validation split: val/...; see train/evaluation.py).
+REPORTED_METRIC = re.compile(r"val/(mAP|top1|(cuhk_sysu|prw)/[\w-]+/(mAP|top\d+)|det(/labelled)?/(ap|recall))"
+                             r"|train/loss\w*")
 TOP_LEVEL = ("stage", "preset", "metric", "mode", "num_samples", "max_concurrent", "scheduler", "fixed", "space")
 SCHEDULER_KEYS = ("type", "grace_period", "reduction_factor", "max_t")
 
 
-class SearchSpaceError(ValueError):
+class SearchSpaceError(InputError, ValueError):
     """A search-space file is malformed; the message names the file and the key."""
 
 
@@ -78,7 +83,9 @@ def load_search_space(path: str | Path) -> SearchSpace:
 
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise SearchSpaceError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
     except OSError as err:
         raise SearchSpaceError(f"{path}: cannot read the search space: {err}") from None
     except yaml.YAMLError as err:
@@ -104,6 +111,9 @@ def parse_search_space(data: Any, path: str | Path = "<search space>") -> Search
     metric = data.get("metric", "val/mAP")
     if not isinstance(metric, str) or not metric:
         raise fail("metric", f"expected a metric name such as val/mAP, got {metric!r}")
+    if not REPORTED_METRIC.fullmatch(metric):  # else every trial runs and none can be ranked
+        raise fail("metric", f"{metric!r} is never reported by a trial (trials report val/mAP, val/top1, "
+                             "val/<dataset>/<protocol>/<mAP|topK>, val/det/<ap|recall>, train/<loss>)")
     result.metric = metric
     result.num_samples = _positive_int(data.get("num_samples", 1), "num_samples", fail)
     if "max_concurrent" in data:

@@ -15,6 +15,10 @@ With --model (a registered model, run or checkpoint) the model first runs over t
 Ray Train workers (--num-workers, --use-gpu; the job's cluster under `ray job submit`, else a
 local one) and its arrays are saved to --output-dir; --teacher adds the two-step reference.
 
+Bad input (a flag value, a missing or malformed array file, a model reference that names no
+model, a dataset folder that cannot be read) ends in one line `error: <message>` on stderr and
+exit status 2, before anything is written (and, with --model, before Ray starts where it can).
+
 Examples:
   python jobs/evaluate.py --dataset cuhk_sysu --data-root data/CUHK-SYSU \\
       --model models:/dkd-student-cuhk_sysu@champion --teacher models:/dkd-teacher-cuhk_sysu@champion --cbgm
@@ -26,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import re
 import sys
 from pathlib import Path
 
@@ -34,9 +40,17 @@ try:
 except ImportError:  # run from a checkout without installing: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dkd_ray.errors import EXIT_BAD_INPUT, InputError  # noqa: E402
 from dkd_ray.eval.pipeline import EvaluationReport, evaluate_arrays  # noqa: E402
 
 log = logging.getLogger("evaluate")
+# What bad input raises: our InputErrors, a path that is missing or not a readable file, and the
+# evaluator's consistency checks (ValueError: e.g. a TestG size the annotations lack).
+BAD_INPUT = (InputError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError)
+
+
+class ArgumentError(InputError, ValueError):
+    """A flag value argparse cannot check by itself; the message names the flag."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,8 +119,44 @@ def _gallery_sizes(values: list[str] | None) -> list[int | str] | None:
         elif value.isdigit():
             out.append(int(value))
         else:
-            raise ValueError(f"--gallery-sizes: {value!r} is neither a number nor 'full'")
+            raise ArgumentError(f"--gallery-sizes: {value!r} is neither a number nor 'full'")
     return out
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse flag values that would fail (or mislead) only late in the run."""
+    if args.model is None and (args.detections is None or args.queries is None):
+        raise ArgumentError("give --model, or --detections and --queries (the saved arrays to evaluate)")
+    _gallery_sizes(args.gallery_sizes)
+    for flag in ("score_threshold", "det_score_threshold"):
+        if not math.isfinite(getattr(args, flag)):
+            raise ArgumentError(f"--{flag.replace('_', '-')} must be a finite number, got {getattr(args, flag)}")
+    for flag, low in (("cbgm_k1", 1), ("cbgm_k2", 1), ("num_workers", 1), ("short_side", 1),
+                      ("max_side", 1), ("example_queries", 0)):
+        value = getattr(args, flag)
+        if value is not None and value < low:
+            raise ArgumentError(f"--{flag.replace('_', '-')} must be at least {low}, got {value}")
+    for flag in ("model", "teacher"):
+        if getattr(args, flag):
+            check_model_reference(f"--{flag}", getattr(args, flag))
+
+
+def check_model_reference(flag: str, ref: str) -> None:
+    """A reference that names no model is refused now, not after Ray started or the student's
+    whole evaluation ran (--teacher is loaded last): a local folder or file is loaded (an empty or
+    corrupt one fails), an MLflow reference is looked up (without a download)."""
+    from dkd_ray.models.loading import check_model_ref
+    from dkd_ray.tracking.errors import ModelNotFoundError
+    from dkd_ray.tracking.loading import _RUN_ID, _URI_SCHEME  # the forms tracking.load_model reads
+
+    if not (_URI_SCHEME.match(ref) or _RUN_ID.fullmatch(ref) or re.fullmatch(r"m-[0-9a-f]{32}", ref)) \
+            and not Path(ref).expanduser().exists():
+        raise ModelNotFoundError(f"{flag} {ref!r}: no such file or folder, and not an MLflow model URI "
+                                 "(models:/name/3, models:/name@alias, runs:/<run id>/<name>) nor a run id")
+    try:
+        check_model_ref(ref, "teacher" if flag == "--teacher" else "student")
+    except ModelNotFoundError as error:
+        raise ModelNotFoundError(f"{flag} {error}") from None
 
 
 def _layout(dataset: str) -> str:
@@ -137,13 +187,14 @@ def save_model_arrays(args: argparse.Namespace) -> None:
                                         ("data.box_rule", args.box_rule)) if v})
     cfg.apply_overrides(overrides)
     args.box_rule = cfg.data.box_rule  # the saved arrays' queries are this rule's boxes
+    # Read before Ray starts: an unreadable dataset folder fails here, in one line.
+    annotations = load_annotations(_layout(args.dataset), args.data_root, box_rule=args.box_rule)
     init_ray()
     storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
     log.info("evaluating %s on the test split with %d worker(s)", args.model, cfg.train.num_workers)
     _, checkpoint = evaluate_model_stage(cfg, args.data_root, args.model, "student", storage_path=storage,
                                          run_name=f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}")
     arrays = EvaluationArrays.load(checkpoint / "evaluation")
-    annotations = load_annotations(_layout(args.dataset), args.data_root, box_rule=args.box_rule)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     args.detections, args.queries = args.output_dir / "gallery.npz", args.output_dir / "queries.npz"
     arrays.gallery.save(args.detections, image_names=annotations.images.name)
@@ -170,7 +221,7 @@ def log_to_mlflow(args: argparse.Namespace, report: EvaluationReport) -> None:
 
 def evaluate_saved_arrays(args: argparse.Namespace) -> EvaluationReport:
     from dkd_ray.data import load_annotations
-    from dkd_ray.eval.arrays import Detections, load_query_embeddings
+    from dkd_ray.eval.arrays import ArraysError, Detections, load_query_embeddings
     from dkd_ray.eval.cbgm import CBGMConfig
 
     log.info("loading %s annotations from %s", args.dataset, args.data_root)
@@ -178,11 +229,18 @@ def evaluate_saved_arrays(args: argparse.Namespace) -> EvaluationReport:
     names = annotations.images.name
     gallery = Detections.load(args.detections, image_names=names)
     query_embeddings = load_query_embeddings(
-        args.queries, expected_image_names=names[annotations.queries.image_index]
+        args.queries, expected_image_names=names[annotations.queries.image_index], expected_dim=gallery.dim
     )
     query_context = None
     if args.query_context is not None:
         query_context = Detections.load(args.query_context)
+        num_queries = len(annotations.queries)
+        if query_context.num_images != num_queries:  # its rows are query rows, not image rows
+            raise ArraysError(f"{args.query_context}: indexes {query_context.num_images} rows (num_images) "
+                              f"but the dataset has {num_queries} queries")
+        if len(query_context) and query_context.dim != gallery.dim:
+            raise ArraysError(f"{args.query_context}: array 'embeddings' are {query_context.dim}-d but "
+                              f"{args.detections}'s are {gallery.dim}-d")
     cbgm: CBGMConfig | bool = bool(args.cbgm)
     if args.cbgm and (args.cbgm_k1 or args.cbgm_k2):
         default = CBGMConfig.for_dataset(args.dataset)
@@ -215,18 +273,19 @@ def evaluate_saved_arrays(args: argparse.Namespace) -> EvaluationReport:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.model is None and (args.detections is None or args.queries is None):
-        parser.error("give --model, or --detections and --queries (the saved arrays to evaluate)")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # Progress goes to stdout (as dkd_ray.cli.setup_logging's), so stderr holds only an error.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     from dkd_ray.eval.results import format_metrics_table
 
     try:
+        check_arguments(args)
         if args.model:
             save_model_arrays(args)
         report = evaluate_saved_arrays(args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"evaluate.py: error: {err}", file=sys.stderr)
-        return 2
+    except BAD_INPUT as err:
+        message = " ".join(str(err).split())  # one line, whatever the message held
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
     print(format_metrics_table(report.metrics))
     for path in report.files:
         print(f"wrote {path}")

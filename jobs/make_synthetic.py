@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress=report,
                 **overrides,
             )
-        except (ValueError, FileExistsError, NotADirectoryError) as err:
+        except (ValueError, OSError) as err:  # bad override, existing or unwritable folder
             print(f"error: {err}", file=sys.stderr)
             return 2
         summaries[layout] = summary

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dkd_ray.cli import add_common_args, config_from_args, experiment_name, prepare_driver
+from dkd_ray.cli import add_common_args, config_from_args, exits_on_bad_input, experiment_name, prepare_driver
 
 
 def parser() -> argparse.ArgumentParser:
@@ -54,6 +54,7 @@ def no_kd_twin_line(cfg, results: Path = LEARNING_RESULTS) -> str:
             f"{100 * paired['mean']:+.1f} ± {100 * paired['std']:.1f} points. This run's own figure above is one seed.")
 
 
+@exits_on_bad_input
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     cfg = config_from_args(args)

@@ -22,7 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dkd_ray.cli import add_common_args, add_run_name_args, config_from_args, experiment_name, prepare_driver, run_name
+from dkd_ray.cli import (add_common_args, add_run_name_args, config_from_args, exits_on_bad_input, experiment_name,
+                         fail, prepare_driver, run_name)
 
 log = logging.getLogger("dkd_ray.jobs.train_student")
 
@@ -59,6 +60,7 @@ def resolve_teacher(args, cfg, data_root, storage, name) -> tuple[str, Path | No
     return str(stage.checkpoint), stage.bank_path
 
 
+@exits_on_bad_input
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     cfg = config_from_args(args)
@@ -66,8 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         print(cfg.to_json())
         return 0
     from dkd_ray.eval.results import format_metrics_table
+    from dkd_ray.models.loading import check_model_ref
     from dkd_ray.stages import resolve_bank, train_student_stage
 
+    if args.teacher:  # a bad reference fails here, in a second, not in a worker after Ray started
+        check_model_ref(args.teacher, "teacher")
+    if args.knowledge_bank and not Path(args.knowledge_bank).exists():
+        fail(f"--knowledge-bank {args.knowledge_bank}: no such file or folder")
     data_root, storage = prepare_driver(args, cfg)
     name = run_name(args, "student")
     teacher_ref, bank = resolve_teacher(args, cfg, data_root, storage, name)

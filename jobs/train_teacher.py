@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dkd_ray.cli import add_common_args, add_run_name_args, config_from_args, experiment_name, prepare_driver, run_name
+from dkd_ray.cli import add_common_args, add_run_name_args, config_from_args, exits_on_bad_input, experiment_name, prepare_driver, run_name
 
 
 def parser() -> argparse.ArgumentParser:
@@ -26,6 +26,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@exits_on_bad_input
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     cfg = config_from_args(args)

@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from dkd_ray.cli import add_common_args, config_from_args, experiment_name, prepare_driver
+from dkd_ray.cli import add_common_args, config_from_args, exits_on_bad_input, experiment_name, fail, prepare_driver
 
 log = logging.getLogger("dkd_ray.jobs.tune_distill")
 
@@ -55,18 +55,14 @@ def parser() -> argparse.ArgumentParser:
 
 def sweep_inputs(args: argparse.Namespace):
     """The search space and the config its trials start from; both refused before anything starts."""
-    from dkd_ray.config import ConfigError
-    from dkd_ray.search_space import SearchSpaceError, load_search_space
+    from dkd_ray.search_space import load_search_space
 
     path = Path(args.space)
     if not path.exists() and not path.is_absolute() and (REPO / path).exists():
         path = REPO / path  # the files shipped in search_spaces/, from any working folder
-    try:
-        space = load_search_space(path)
-    except SearchSpaceError as err:
-        raise SystemExit(f"error: {err}") from None
+    space = load_search_space(path)  # a SearchSpaceError names the file and key
     if args.stage and args.stage != space.stage:
-        raise SystemExit(f"error: --stage {args.stage}, but {args.space} describes a {space.stage} sweep (its `stage`)")
+        fail(f"--stage {args.stage}, but {args.space} describes a {space.stage} sweep (its `stage`)")
     if args.num_samples:
         space.num_samples = args.num_samples
     if args.max_concurrent:
@@ -74,13 +70,11 @@ def sweep_inputs(args: argparse.Namespace):
     if args.preset == "auto":  # the space names the recipe its ranges are meant for
         args.preset = space.preset
     cfg = config_from_args(args)
-    try:
-        cfg.apply_overrides({**space.fixed, **dict(o.split("=", 1) for o in args.overrides)})
-    except ConfigError as err:
-        raise SystemExit(f"error: {err}") from None
+    cfg.apply_overrides({**space.fixed, **dict(o.split("=", 1) for o in args.overrides)})
     return space, cfg
 
 
+@exits_on_bad_input
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     space, cfg = sweep_inputs(args)
@@ -91,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     from dkd_ray.sweep.driver import SweepError, run_sweep
     from dkd_ray.sweep.summary import format_trials_table
 
+    if args.teacher:
+        from dkd_ray.models.loading import check_model_ref
+
+        check_model_ref(args.teacher, "teacher")  # before Ray starts and before any trial
     data_root, storage = prepare_driver(args, cfg)
     name = args.resume or args.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     started = time.perf_counter()
@@ -98,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome = run_sweep(space, cfg, name=name, data_root=data_root, storage_path=storage,
                             experiment=experiment_name(args, cfg), teacher_ref=args.teacher, resume=bool(args.resume))
     except SweepError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        fail(str(err))
     print("\n" + format_trials_table(outcome.trials, space.metric, space.mode))
     if outcome.interrupted:
         print(f"\nsweep {name} interrupted; continue it with: python jobs/tune_distill.py --space {args.space} "

@@ -65,6 +65,24 @@ def test_unreadable_yaml_names_the_file(tmp_path):
         load_search_space(path)
 
 
+def test_a_space_that_is_not_utf8_names_the_file_and_byte(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("preset: cpu-small\n# poids \xe9lev\xe9s\n".encode("latin-1"))
+    with pytest.raises(SearchSpaceError, match=r"latin1.yaml: not UTF-8 text \(byte 26"):
+        load_search_space(path)
+
+
+@pytest.mark.parametrize("metric", ["val/accuracy", "mAP", "val/cuhk_sysu/g100/accuracy", "test/mAP"])
+def test_a_metric_no_trial_reports_is_refused_before_any_trial_runs(metric):
+    with pytest.raises(SearchSpaceError, match=f"metric: '{metric}' is never reported"):
+        parse_search_space({**VALID, "metric": metric}, "bad.yaml")
+
+
+@pytest.mark.parametrize("metric", ["val/mAP", "val/top1", "val/prw/full/top5", "val/det/recall", "train/loss_oim"])
+def test_metrics_trials_report_are_accepted(metric):
+    assert parse_search_space({**VALID, "metric": metric}, "ok.yaml").metric == metric
+
+
 def _run_job(*args: str):
     import subprocess
     import sys
@@ -77,7 +95,7 @@ def test_the_sweep_job_refuses_a_malformed_space_before_starting_anything(tmp_pa
     bad = tmp_path / "bad.yaml"
     bad.write_text("preset: cpu-small\nspace:\n  distill.tri_weight: {uniform: [2, 1]}\n")
     result = _run_job("--space", str(bad), "--storage-path", str(tmp_path / "runs"))
-    assert result.returncode != 0
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
     assert "bad.yaml: space.distill.tri_weight: uniform needs low < high" in result.stderr
     assert not (tmp_path / "runs").exists(), "nothing may start for a refused space"
 

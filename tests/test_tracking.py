@@ -143,6 +143,31 @@ def test_registered_version_has_tags_and_alias(logged):
     assert tracking.latest_registered("dkd-student-nothing", uri=client.tracking_uri) is None
 
 
+def test_a_model_without_a_finite_map_is_never_registered_aliased_or_chosen(logged, example):
+    client, name = logged["client"], logged["name"]
+    uri = client.tracking_uri
+    cfg = preset("cpu-small")
+    for bad in (float("nan"), float("inf")):
+        with Tracker("synthetic", "teacher", uri=uri) as tracker:
+            info = tracker.log_model(TinyNet(), "teacher", example, config={"hidden": 8}, registered_name=name,
+                                     version_tags=tracking.version_tags(cfg, {"mAP": bad}), alias="champion")
+        assert info is not None and getattr(info, "registered_model_version", None) is None  # logged, not registered
+        assert client.get_run(tracker.run_id).data.tags["registration"] == f"refused: mAP={bad:.4f}"
+    assert [v.version for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
+    # A version registered around the rule (by hand, or by an older release) is never chosen nor aliased.
+    mlflow.set_registry_uri(uri)
+    sneaked = mlflow.register_model(logged["info"].model_uri, name, tags={"mAP": "inf"})
+    try:
+        assert tracking.latest_registered(name, uri=uri).version == "1"
+        with pytest.raises(tracking.UnmeasuredModelError, match="its mAP is inf"):
+            tracking.set_alias(name, "champion", sneaked.version, uri=uri)
+        assert client.get_model_version_by_alias(name, "champion").version == "1"
+        with pytest.raises(tracking.UnmeasuredModelError, match="needs a finite one"):
+            tracking.register_model(logged["info"].model_uri, name, tags={"mAP": "nan"}, uri=uri)
+    finally:
+        client.delete_model_version(name, sneaked.version)
+
+
 def test_load_model_from_alias_run_id_and_paths(logged, server, example, tmp_path):
     x, expected, uri = torch.from_numpy(example), logged["expected"], server.uri
     local_dir = mlflow.artifacts.download_artifacts(logged["info"].model_uri, dst_path=str(tmp_path))

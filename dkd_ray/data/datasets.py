@@ -8,8 +8,13 @@ Random choices (flip, jitter) are drawn from ``(seed, epoch, index)``, not from 
 RNG, so a sample is the same whichever loader process or cluster worker produces it, and a run
 resumed mid-epoch sees exactly the samples it would have seen. Call ``set_epoch`` each epoch.
 
-A scene that fails to decode is reported once and replaced by the next readable one, so a long
-run never dies on one bad file (``jobs/validate_dataset.py`` lists such files up front).
+Unreadable images (missing, empty, truncated, corrupt, a symlink loop) are skipped so a long run
+never dies on one bad file: each is logged once per process and counted, and past
+``max_unreadable_fraction`` of the dataset's images (at least one allowed) the dataset raises a
+``DatasetError`` naming them (bad input: fails at once, never retried). A bad scene is replaced by
+the next readable one; a bad teacher crop by another crop of the same identity; the knowledge
+bank's exact crops are never replaced (see ``PersonCropDataset``). ``jobs/validate_dataset.py``
+lists such files up front.
 """
 
 from __future__ import annotations
@@ -20,28 +25,89 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from dkd_ray.data.annotations import Annotations
+from dkd_ray.data.matlab import DatasetError
 from dkd_ray.data.transforms import hflip_scene, resize_scene
 from dkd_ray.distill.jitter import jitter_boxes
 
 log = logging.getLogger(__name__)
 
-_UNREADABLE = (OSError, UnidentifiedImageError, ValueError)
+# What a bad file raises while it decodes: OSError covers missing (FileNotFoundError), empty or
+# unknown (UnidentifiedImageError), truncated ("image file is truncated") and symlink loops (ELOOP);
+# PIL raises SyntaxError / ValueError for some corrupt headers and DecompressionBombError (not an
+# OSError) for absurd sizes. Only the decode is guarded, so a bug elsewhere is never "a bad image".
+_UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+MAX_UNREADABLE_FRACTION = 0.01  # of a dataset's images; at least one is always allowed
+
+
+class UnreadableImageError(DatasetError):
+    """Too many unreadable images, or one the knowledge bank needs. Also takes a single argument:
+    a DataLoader re-raises a worker process's exception as ``type(text)`` and, for a type that
+    refuses one argument (``DatasetError``), as a RuntimeError, which Ray would retry."""
+
+    def __init__(self, file: str | Path, message: str | None = None) -> None:
+        if message is None:  # rebuilt by the DataLoader from the worker's traceback text
+            Exception.__init__(self, str(file))
+            self.file, self.message = "", str(file)
+        else:
+            super().__init__(file, message)
+
+
+class UnreadableImages:
+    """The images one dataset failed to decode in this process, each logged once.
+
+    Counting is per process (each DataLoader worker has its own copy of the dataset and counts
+    the images it was asked for) against the whole dataset's allowance: simple and needs no
+    shared state; the cost is that bad images spread over many workers may exceed the allowance
+    in total before any one process notices. Loader workers are new processes each epoch (copies
+    of the main process's dataset), so their warnings repeat once per epoch. Past ``allowed``
+    this raises ``UnreadableImageError`` (a ``DatasetError``).
+    """
+
+    def __init__(self, total: int, max_fraction: float, root: str | Path) -> None:
+        if not 0 <= max_fraction <= 1:
+            raise ValueError(f"max_unreadable_fraction must be in [0, 1], got {max_fraction}")
+        self.total, self.max_fraction, self.root = total, max_fraction, root
+        self.allowed = max(1, int(max_fraction * total))
+        self.errors: dict[str, str] = {}  # path -> the error, in the order they were met
+
+    def __len__(self) -> int:
+        return len(self.errors)
+
+    def __contains__(self, path: object) -> bool:
+        return str(path) in self.errors
+
+    def add(self, path: str | Path, error: BaseException) -> None:
+        path = str(path)
+        if path in self.errors:
+            return
+        self.errors[path] = f"{type(error).__name__}: {error}"
+        log.warning("skipping unreadable image %s (%s); %d of at most %d in this process",
+                    path, self.errors[path], len(self.errors), self.allowed)
+        if len(self.errors) > self.allowed:
+            raise self.error(f"{len(self.errors)} of the {self.total} images are unreadable, more than "
+                             f"{self.max_fraction:.1%} (at most {self.allowed} allowed)")
+
+    def error(self, message: str) -> UnreadableImageError:
+        listed = "; ".join(f"{p} ({e})" for p, e in list(self.errors.items())[:10])
+        more = f" and {len(self.errors) - 10} more" if len(self.errors) > 10 else ""
+        first = next(iter(self.errors), self.root)
+        return UnreadableImageError(first, f"{message}: {listed}{more}; run jobs/validate_dataset.py on {self.root}")
 
 
 def load_image(path: str | Path) -> torch.Tensor:
     """Decode an image file to a float ``[3, H, W]`` tensor in [0, 1] (grayscale/CMYK -> RGB)."""
-    with Image.open(path) as img:
-        rgb = np.asarray(img.convert("RGB"))
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255.0)
+    return load_image_uint8(path).float().div_(255.0)
 
 
 def load_image_uint8(path: str | Path) -> torch.Tensor:
     """Decode an image file to a uint8 ``[3, H, W]`` tensor (a quarter of the float's bytes)."""
     with Image.open(path) as img:
+        img.load()  # decode every byte now: a truncated file fails here, not as a grey band later
         rgb = np.asarray(img.convert("RGB"))
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
@@ -93,12 +159,13 @@ class SceneDataset(Dataset):
         max_side: int = 1500,
         flip_prob: float = 0.0,
         seed: int = 0,
+        max_unreadable_fraction: float = MAX_UNREADABLE_FRACTION,
     ) -> None:
         self.ann = annotations
         self.indices = np.asarray(annotations.images.indices(split) if indices is None else indices, dtype=np.int64)
         self.short_side, self.max_side = short_side, max_side
         self.flip_prob, self.seed, self.epoch = flip_prob, seed, 0
-        self._reported: set[int] = set()
+        self.unreadable = UnreadableImages(len(np.unique(self.indices)), max_unreadable_fraction, annotations.root)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -107,21 +174,26 @@ class SceneDataset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, item: int) -> tuple[torch.Tensor, dict]:
-        for offset in range(min(len(self.indices), 16)):
+        # A bad scene is replaced by the next readable one (deterministic: the same bad files give
+        # the same replacement in every process). Each new failure is counted, and the count
+        # raises past the allowance, so this loop decodes at most allowed + 1 bad files.
+        for offset in range(len(self.indices)):
             position = (item + offset) % len(self.indices)
             image_index = int(self.indices[position])
+            path = self.ann.image_path(image_index)
+            if path in self.unreadable:
+                continue
             try:
-                return self._load(position, image_index)
+                image = load_image(path)
             except _UNREADABLE as err:
-                if image_index not in self._reported:
-                    self._reported.add(image_index)
-                    log.warning("skipping unreadable image %s: %s", self.ann.image_path(image_index), err)
-        raise RuntimeError(f"no readable image near position {item} of {self.ann.root}: run jobs/validate_dataset.py")
+                self.unreadable.add(path, err)
+                continue
+            return self._load(position, image_index, image)
+        raise self.unreadable.error(f"no readable image among the {len(self.indices)} of this dataset")
 
-    def _load(self, position: int, image_index: int) -> tuple[torch.Tensor, dict]:
+    def _load(self, position: int, image_index: int, image: torch.Tensor) -> tuple[torch.Tensor, dict]:
         images = self.ann.images
         start, stop = images.box_offsets[image_index], images.box_offsets[image_index + 1]
-        image = load_image(self.ann.image_path(image_index))
         orig_size = tuple(image.shape[-2:])
         boxes = torch.from_numpy(images.boxes[start:stop].copy())
         image, boxes = resize_scene(image, boxes, self.short_side, self.max_side)
@@ -153,6 +225,23 @@ class PersonCropDataset(Dataset):
     (``flip_prob``), zero padding by ``pad`` pixels and a random crop back to ``crop_size``, and
     random erasing (probability ``random_erasing``, see ``random_erase``). Every random choice
     comes from ``sample_rng(seed, epoch, index)``.
+
+    ``on_unreadable``: what a crop whose image cannot be decoded becomes.
+
+    - ``"replace"`` (the teacher): another crop of the same identity, in an order drawn from
+      ``(seed, epoch, index)``, then if that identity has no readable crop left any other crop.
+      The returned pid and box are the replacement's own, so labels stay true, and a P x K batch
+      keeps its shape: the same identity keeps K crops (one repeated at worst), which the
+      batch-hard triplet needs for its positives; in the fallback case that identity has K - 1
+      and another one more, and the triplet loss leaves out anchors without a positive.
+      Dropping the sample instead would change the batch size and could leave an identity alone.
+    - ``"raise"`` (the knowledge bank): a ``DatasetError`` naming the file at once. The bank
+      stores one row per labelled box under its ``box_index``; a replacement would store another
+      box's output (a wrong or duplicate row), and a missing row would surface only as a lookup
+      failure in the student, so the file must be fixed first.
+    - ``"auto"`` (default): ``"replace"`` when the dataset augments (a training set), ``"raise"``
+      for exact crops (``isa_strength``, ``flip_prob``, ``random_erasing`` and ``pad`` all 0:
+      what the bank builds from).
     """
 
     def __init__(
@@ -168,6 +257,8 @@ class PersonCropDataset(Dataset):
         pad: int = 0,
         seed: int = 0,
         cache_bytes: int = 256 * 2**20,
+        on_unreadable: str = "auto",
+        max_unreadable_fraction: float = MAX_UNREADABLE_FRACTION,
     ) -> None:
         self.ann = annotations
         if box_rows is None:
@@ -179,6 +270,13 @@ class PersonCropDataset(Dataset):
         self.isa_strength, self.flip_prob, self.seed, self.epoch = isa_strength, flip_prob, seed, 0
         self.random_erasing, self.pad = random_erasing, pad
         self.images = ImageCache(cache_bytes)
+        if on_unreadable == "auto":
+            augments = isa_strength > 0 or flip_prob > 0 or random_erasing > 0 or pad > 0
+            on_unreadable = "replace" if augments else "raise"
+        if on_unreadable not in ("replace", "raise"):
+            raise ValueError(f"on_unreadable must be replace, raise or auto, got {on_unreadable!r}")
+        self.on_unreadable = on_unreadable
+        self.unreadable = UnreadableImages(len(np.unique(self.box_image)), max_unreadable_fraction, annotations.root)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -187,9 +285,38 @@ class PersonCropDataset(Dataset):
         return len(self.box_rows)
 
     def __getitem__(self, item: int) -> tuple[torch.Tensor, int, int, int]:
-        image_index = int(self.box_image[item])
-        image = self.images.get(str(self.ann.image_path(image_index)))
-        box = torch.from_numpy(self.ann.images.boxes[self.box_rows[item]].copy())[None]
+        for source in self._sources(item):
+            path = str(self.ann.image_path(int(self.box_image[source])))
+            if path in self.unreadable:
+                continue
+            try:
+                image = self.images.get(path)
+            except _UNREADABLE as err:
+                if self.on_unreadable == "raise":
+                    raise UnreadableImageError(path, f"cannot read the image of labelled box "
+                                                     f"{int(self.box_rows[item])} ({type(err).__name__}: {err}); "
+                                                     "exact crops (the knowledge bank) need every labelled box: "
+                                                     "fix or restore the file") from err
+                self.unreadable.add(path, err)  # raises past the allowance
+                continue
+            return self._crop(source, item, image)
+        raise self.unreadable.error(f"no readable crop left for box {int(self.box_rows[item])}")
+
+    def _sources(self, item: int):
+        """``item``, then (only if its image is unreadable) its replacements in a seeded order:
+        the identity's other crops first, then every other crop."""
+        yield item
+        rng = np.random.default_rng([self.seed, self.epoch, item, 1])  # apart from the crop's own stream
+        same = self.pids == self.pids[item]
+        same[item] = False
+        yield from (int(i) for i in rng.permutation(np.flatnonzero(same)))
+        yield from (int(i) for i in rng.permutation(np.flatnonzero(self.pids != self.pids[item])))
+
+    def _crop(self, source: int, item: int, image: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+        """Box ``source``'s crop, augmented with sample ``item``'s draws (a sample stays a function
+        of ``(seed, epoch, item)`` even when replaced)."""
+        image_index = int(self.box_image[source])
+        box = torch.from_numpy(self.ann.images.boxes[self.box_rows[source]].copy())[None]
         rng = sample_rng(self.seed, self.epoch, item)
         if self.isa_strength > 0:
             generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
@@ -201,7 +328,7 @@ class PersonCropDataset(Dataset):
             crop = pad_and_random_crop(crop, self.pad, rng)
         if self.random_erasing > 0 and rng.random() < self.random_erasing:
             crop = random_erase(crop, rng)
-        return crop, int(self.pids[item]), int(self.box_rows[item]), image_index
+        return crop, int(self.pids[source]), int(self.box_rows[source]), image_index
 
 
 def pad_and_random_crop(crop: torch.Tensor, pad: int, rng: np.random.Generator) -> torch.Tensor:

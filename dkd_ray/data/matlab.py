@@ -17,14 +17,24 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from dkd_ray.errors import InputError
 
-class DatasetError(Exception):
+
+class DatasetError(InputError):
     """A dataset folder the readers cannot turn into annotations; names the file and the key."""
 
-    def __init__(self, file: str | Path, message: str):
+    def __init__(self, file: str | Path, message: str | None = None):
+        # One argument too: torch's DataLoader re-raises a worker's exception as ``cls(text)``.
+        if message is None:
+            super().__init__(str(file))
+            self.file, self.message = "", str(file)
+            return
         super().__init__(f"{file}: {message}")
         self.file = str(file)
         self.message = message
+
+    def __reduce__(self):  # pickles (Ray) with both arguments, not just the joined text
+        return type(self), ((self.file, self.message) if self.file else (self.message,))
 
 
 def load_mat(path: Path, variables: Iterable[str] | None = None) -> dict[str, Any]:

@@ -45,6 +45,8 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor, nn
 
+from dkd_ray.errors import InputError
+
 log = logging.getLogger(__name__)
 
 METADATA_KEY = b"dkd_ray.knowledge_bank"
@@ -115,7 +117,7 @@ def shard_file_name(shard_index: int, num_shards: int) -> str:
     return f"part-{shard_index:05d}-of-{num_shards:05d}.parquet"
 
 
-class BankMismatchError(ValueError):
+class BankMismatchError(InputError, ValueError):
     """A knowledge bank that does not belong to the run loading it (other annotations or classes)."""
 
 

@@ -13,17 +13,35 @@ Files (for ``jobs/evaluate.py``): ``.npz`` (arrays ``image_index``, ``boxes``, `
 ``embedding`` fixed_size_list<float32>[d]; ``num_images`` in the schema metadata). When a file
 carries image names and the reader is given the dataset's names, detections are re-indexed by
 name, so a file stays valid even if the image table's row order changes.
+
+The readers refuse what cannot be evaluated with an ``ArraysError`` naming the file, the array
+(or column) and the first bad row: an unreadable file, a missing array, a wrong shape or dtype,
+lengths that disagree, an image index outside ``0..num_images-1``, non-finite numbers, boxes
+with ``x2 < x1`` or ``y2 < y1``.
 """
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from dkd_ray.errors import InputError
+
 _SUFFIXES = (".npz", ".parquet")
+# What the file calls each field: (npz array, Parquet column).
+_FIELD_NAMES = {"index": ("image_index", "image_index"), "boxes": ("boxes", "box"),
+                "scores": ("scores", "score"), "embeddings": ("embeddings", "embedding")}
+
+
+class ArraysError(InputError, ValueError):
+    """Evaluation arrays (a file, or arrays given to the evaluator) that cannot be evaluated; the
+    message names the file, the array or column and, where it applies, the first bad row.
+    A ``ValueError`` too, as the container's own checks are."""
 
 
 @dataclass(frozen=True)
@@ -174,7 +192,8 @@ class Detections:
         """Read a file written by ``save`` (or by anything writing the same arrays/columns).
 
         With ``image_names`` (the ImageTable's ``name``) and names in the file, rows are mapped
-        by name; a name the table lacks is an error naming the file and the image.
+        by name; a name the table lacks is an error naming the file and the image. A file that
+        cannot be evaluated raises ``ArraysError`` (see the module docstring).
         """
         path = Path(path)
         _check_suffix(path)
@@ -182,21 +201,34 @@ class Detections:
             raise FileNotFoundError(f"detections file not found: {path}")
         if path.suffix == ".npz":
             fields = _read_npz(path, ("image_index", "boxes", "scores", "embeddings", "num_images"))
-            index, boxes, scores, emb = (fields[k] for k in ("image_index", "boxes", "scores", "embeddings"))
-            num_images = int(fields["num_images"])
+            num_images = _npz_count(path, fields["num_images"], "num_images")
+            index, boxes, scores, emb = _checked_detections(
+                path, "npz", fields["image_index"], fields["boxes"], fields["scores"], fields["embeddings"],
+                num_images)
             file_names = fields.get("image_names")
+            if file_names is not None:
+                file_names = _strings(path, "array 'image_names'", file_names, num_images)
             det_names = None if file_names is None else file_names[index]
+            stated_count = True
         else:
-            index, det_names, boxes, scores, emb, num_images = _read_parquet(path)
+            index, det_names, boxes, scores, emb, num_images, stated_count = _read_parquet(path)
         if image_names is not None and det_names is not None:
-            index = map_names(det_names, image_names, what=f"image of {path}")
+            try:
+                index = map_names(det_names, image_names, what=f"image of {path}")
+            except ValueError as err:
+                raise ArraysError(str(err)) from None
             num_images = len(image_names)
         elif image_names is not None:
+            # Without names, rows are image rows: a file made for another image table would
+            # silently pair detections with the wrong images.
+            if stated_count and num_images != len(image_names):
+                raise ArraysError(f"{path}: indexes {num_images} images (num_images) but the dataset has "
+                                  f"{len(image_names)}; save the detections with image_names to map them by name")
             num_images = len(image_names)
         try:
             return cls.from_arrays(index, boxes, scores, emb, num_images=num_images)
         except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
+            raise ArraysError(f"{path}: {err}") from None
 
 
 def map_names(names: np.ndarray, table_names: np.ndarray, *, what: str) -> np.ndarray:
@@ -244,37 +276,42 @@ def save_query_embeddings(
 
 
 def load_query_embeddings(
-    path: str | Path, expected_image_names: np.ndarray | None = None
+    path: str | Path, expected_image_names: np.ndarray | None = None, *, expected_dim: int | None = None
 ) -> np.ndarray:
-    """Read ``[Q, d]`` float32 query embeddings; check them against the queries' image names."""
+    """Read ``[Q, d]`` float32 query embeddings; check them against the queries' image names
+    and, with ``expected_dim`` (the gallery embeddings' d), their dimension."""
     path = Path(path)
     _check_suffix(path)
     if not path.is_file():
         raise FileNotFoundError(f"query embeddings file not found: {path}")
     if path.suffix == ".npz":
         fields = _read_npz(path, ("embeddings",))
+        label, names_label = "array 'embeddings'", "array 'query_image_names'"
         emb, names = fields["embeddings"], fields.get("query_image_names")
+        _numeric(path, label, emb)
+        if emb.ndim != 2:
+            raise ArraysError(f"{path}: {label} must be [Q, d], got shape {emb.shape}")
     else:
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        if "embedding" not in table.column_names:
-            raise ValueError(f"{path}: no column 'embedding' (has {table.column_names})")
+        table = _read_parquet_table(path, ("embedding",))
+        label, names_label = "column 'embedding'", "column 'query_image_name'"
         emb = _fixed_list_to_numpy(table.column("embedding"), path, "embedding")
-        names = (np.asarray(table.column("query_image_name").to_pylist(), dtype=str)
+        names = (_parquet_strings(table.column("query_image_name"), path, "query_image_name")
                  if "query_image_name" in table.column_names else None)
-    emb = np.asarray(emb, dtype=np.float32)
-    if emb.ndim != 2:
-        raise ValueError(f"{path}: query embeddings must be [Q, d], got {emb.shape}")
+    emb = _finite_float32(path, label, emb)
+    if names is not None:
+        names = _strings(path, names_label, names, len(emb))
+    if expected_dim is not None and emb.shape[1] != expected_dim:
+        raise ArraysError(f"{path}: {label} are {emb.shape[1]}-d but the gallery detections' embeddings "
+                          f"are {expected_dim}-d")
     if expected_image_names is not None:
         if len(emb) != len(expected_image_names):
-            raise ValueError(f"{path}: {len(emb)} query embeddings but the dataset has "
-                             f"{len(expected_image_names)} queries")
+            raise ArraysError(f"{path}: {len(emb)} query embeddings but the dataset has "
+                              f"{len(expected_image_names)} queries")
         if names is not None:
             bad = np.flatnonzero(names != np.asarray(expected_image_names, dtype=str))
             if bad.size:
-                raise ValueError(f"{path}: query {bad[0]} is from image {names[bad[0]]!r}, the dataset's "
-                                 f"query {bad[0]} is in {expected_image_names[bad[0]]!r}")
+                raise ArraysError(f"{path}: query {bad[0]} is from image {names[bad[0]]!r}, the dataset's "
+                                  f"query {bad[0]} is in {expected_image_names[bad[0]]!r}")
     return emb
 
 
@@ -287,15 +324,97 @@ def _concat(parts: Sequence[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
 
 def _check_suffix(path: Path) -> None:
     if path.suffix not in _SUFFIXES:
-        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {_SUFFIXES}")
+        raise ArraysError(f"{path}: unsupported file type {path.suffix!r}; use one of {_SUFFIXES}")
+
+
+# A truncated or corrupt archive fails in np.load or only when a member is read.
+_NPZ_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError)
 
 
 def _read_npz(path: Path, required: tuple[str, ...]) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as data:
+    try:
+        data = np.load(path, allow_pickle=False)
+    except _NPZ_READ_ERRORS as err:
+        raise ArraysError(f"{path}: not a readable .npz archive ({type(err).__name__}: {err})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):  # a lone .npy array under an .npz name
+        raise ArraysError(f"{path}: not an .npz archive of named arrays (it holds a single .npy array)")
+    with data:
         missing = [k for k in required if k not in data.files]
         if missing:
-            raise ValueError(f"{path}: missing array(s) {missing} (has {data.files})")
-        return {k: data[k] for k in data.files}
+            raise ArraysError(f"{path}: missing array(s) {missing} (has {data.files})")
+        fields = {}
+        for key in data.files:
+            try:
+                fields[key] = data[key]
+            except _NPZ_READ_ERRORS as err:
+                raise ArraysError(f"{path}: array {key!r} cannot be read ({type(err).__name__}: {err})") from None
+        return fields
+
+
+def _npz_count(path: Path, value: np.ndarray, key: str) -> int:
+    if value.size != 1 or value.dtype.kind not in "iu" or int(value.ravel()[0]) < 0:
+        raise ArraysError(f"{path}: array {key!r} must be one non-negative integer, "
+                          f"got {value.dtype} of shape {value.shape}")
+    return int(value.ravel()[0])
+
+
+def _numeric(path: Path, label: str, a: np.ndarray) -> None:
+    if a.dtype.kind not in "iuf":  # strings, objects, bools, complex: not coordinates or features
+        raise ArraysError(f"{path}: {label} must be numeric, got dtype {a.dtype}")
+
+
+def _finite_float32(path: Path, label: str, a: np.ndarray) -> np.ndarray:
+    """``a`` as float32, refusing non-finite values (also values float32 cannot hold)."""
+    with np.errstate(over="ignore"):
+        out = np.asarray(a, dtype=np.float32)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        row = int(np.flatnonzero(bad.reshape(len(out), -1).any(axis=1))[0])
+        value = np.asarray(a).reshape(len(out), -1)[row][bad.reshape(len(out), -1)[row]][0]
+        reason = "is not finite" if not np.isfinite(value) else "exceeds float32"
+        raise ArraysError(f"{path}: {label} {reason} in row {row} ({value})")
+    return out
+
+
+def _strings(path: Path, label: str, names: np.ndarray, count: int) -> np.ndarray:
+    if names.dtype.kind not in "US" or names.ndim != 1 or len(names) != count:
+        raise ArraysError(f"{path}: {label} must be {count} strings, got {names.dtype} of shape {names.shape}")
+    return names.astype(str)
+
+
+def _checked_detections(path: Path, fmt: str, index, boxes, scores, emb, num_images: int):
+    """The file's arrays as ``from_arrays`` takes them, after every check a file needs (in file
+    rows, before any sorting or re-mapping)."""
+    col = 0 if fmt == "npz" else 1
+    label = {k: f"{'array' if fmt == 'npz' else 'column'} {names[col]!r}" for k, names in _FIELD_NAMES.items()}
+    index, boxes, scores, emb = (np.asarray(a) for a in (index, boxes, scores, emb))
+    if index.dtype.kind not in "iu":
+        raise ArraysError(f"{path}: {label['index']} must be integers, got dtype {index.dtype}")
+    for key, a in (("boxes", boxes), ("scores", scores), ("embeddings", emb)):
+        _numeric(path, label[key], a)
+    n = len(index) if index.ndim else 0
+    if emb.ndim == 1 and emb.size == 0:  # no detection and no stated dimension
+        emb = emb.reshape(0, 0)
+    for key, a, ndim, shape in (("index", index, 1, "[N]"), ("boxes", boxes, 2, "[N, 4]"),
+                                ("scores", scores, 1, "[N]"), ("embeddings", emb, 2, "[N, d]")):
+        if a.ndim != ndim or (key == "boxes" and a.shape[1] != 4):
+            raise ArraysError(f"{path}: {label[key]} must be {shape}, got shape {a.shape}")
+        if len(a) != n:
+            raise ArraysError(f"{path}: {label[key]} has {len(a)} rows but {label['index']} has {n}")
+    outside = np.flatnonzero((index < 0) | (index >= num_images))
+    if outside.size:
+        row = int(outside[0])
+        raise ArraysError(f"{path}: {label['index']} row {row} is {int(index[row])}, outside "
+                          f"0..{num_images - 1} (num_images = {num_images})")
+    boxes = _finite_float32(path, label["boxes"], boxes)
+    scores = _finite_float32(path, label["scores"], scores)
+    emb = _finite_float32(path, label["embeddings"], emb)
+    inverted = np.flatnonzero((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1]))
+    if inverted.size:
+        row = int(inverted[0])
+        raise ArraysError(f"{path}: {label['boxes']} row {row} is {boxes[row].tolist()}: boxes are "
+                          "x1 y1 x2 y2 with x2 >= x1 and y2 >= y1")
+    return index.astype(np.int64), boxes, scores, emb
 
 
 def _write_parquet(dets: Detections, path: Path, image_names: np.ndarray | None) -> None:
@@ -314,35 +433,94 @@ def _write_parquet(dets: Detections, path: Path, image_names: np.ndarray | None)
     pq.write_table(table, path)
 
 
-def _read_parquet(path: Path):
+def _read_parquet_table(path: Path, required: tuple[str, ...]):
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
-    missing = [c for c in ("image_index", "box", "score", "embedding") if c not in table.column_names]
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise ArraysError(f"{path}: not a readable Parquet file ({type(err).__name__}: {err})") from None
+    missing = [c for c in required if c not in table.column_names]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing} (has {table.column_names})")
+        raise ArraysError(f"{path}: missing column(s) {missing} (has {table.column_names})")
+    return table
+
+
+def _read_parquet(path: Path):
+    """The checked arrays of a detections Parquet file, and whether it states ``num_images``."""
+    table = _read_parquet_table(path, ("image_index", "box", "score", "embedding"))
     meta = table.schema.metadata or {}
-    index = table.column("image_index").to_numpy().astype(np.int64)
-    if b"num_images" in meta:
-        num_images = int(meta[b"num_images"])
+    index = _parquet_numbers(table.column("image_index"), path, "image_index")
+    stated = b"num_images" in meta
+    if stated:
+        num_images = _metadata_count(meta, b"num_images", path)
     else:
-        num_images = int(index.max()) + 1 if len(index) else 0
+        num_images = int(index.max()) + 1 if len(index) and index.dtype.kind in "iu" else 0
     names = None
     if "image_name" in table.column_names:
-        names = np.asarray(table.column("image_name").cast("string").to_pylist(), dtype=str)
+        names = _parquet_strings(table.column("image_name"), path, "image_name")
     boxes = _fixed_list_to_numpy(table.column("box"), path, "box")
     emb = _fixed_list_to_numpy(table.column("embedding"), path, "embedding")
     if emb.size == 0 and b"embedding_dim" in meta:
-        emb = emb.reshape(0, int(meta[b"embedding_dim"]))
-    scores = table.column("score").to_numpy().astype(np.float32)
-    return index, names, boxes, scores, emb, num_images
+        emb = emb.reshape(0, _metadata_count(meta, b"embedding_dim", path))
+    scores = _parquet_numbers(table.column("score"), path, "score")
+    index, boxes, scores, emb = _checked_detections(path, "parquet", index, boxes, scores, emb, num_images)
+    return index, names, boxes, scores, emb, num_images, stated
+
+
+def _metadata_count(meta: dict, key: bytes, path: Path) -> int:
+    try:
+        value = int(meta[key])
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ArraysError(f"{path}: schema metadata {key.decode()!r} must be a non-negative integer, "
+                          f"got {meta[key][:40]!r}")
+    return value
+
+
+def _first_null(array, path: Path, name: str) -> None:
+    if array.null_count:
+        row = int(np.flatnonzero(array.is_null().to_numpy(zero_copy_only=False))[0])
+        raise ArraysError(f"{path}: column {name!r} is null in row {row}")
+
+
+def _parquet_numbers(column, path: Path, name: str) -> np.ndarray:
+    import pyarrow as pa
+
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if not (pa.types.is_integer(array.type) or pa.types.is_floating(array.type)):
+        raise ArraysError(f"{path}: column {name!r} must be numeric, got {array.type}")
+    _first_null(array, path, name)
+    return array.to_numpy(zero_copy_only=False)
+
+
+def _parquet_strings(column, path: Path, name: str) -> np.ndarray:
+    import pyarrow as pa
+
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    value_type = array.type.value_type if pa.types.is_dictionary(array.type) else array.type
+    if not (pa.types.is_string(value_type) or pa.types.is_large_string(value_type)):
+        raise ArraysError(f"{path}: column {name!r} must be strings, got {array.type}")
+    _first_null(array, path, name)
+    return np.asarray(array.cast(value_type).to_pylist(), dtype=str)
 
 
 def _fixed_list_to_numpy(column, path: Path, name: str) -> np.ndarray:
+    """``[N, width]`` numbers of a fixed-size list column (numeric dtype, no nulls)."""
     import pyarrow as pa
 
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if not pa.types.is_fixed_size_list(array.type):
-        raise ValueError(f"{path}: column {name!r} must be a fixed-size list, got {array.type}")
+        raise ArraysError(f"{path}: column {name!r} must be a fixed-size list, got {array.type}")
+    value_type = array.type.value_type
+    if not (pa.types.is_integer(value_type) or pa.types.is_floating(value_type)):
+        raise ArraysError(f"{path}: column {name!r} must hold numbers, got {array.type}")
+    _first_null(array, path, name)  # flatten() would silently drop a null list, shifting rows
     width = array.type.list_size
-    return array.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, width)
+    values = array.flatten()
+    if values.null_count:
+        row = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0]) // max(1, width)
+        raise ArraysError(f"{path}: column {name!r} has a null value in row {row}")
+    return values.to_numpy(zero_copy_only=False).reshape(-1, width)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dkd_ray.data.annotations import Annotations, GalleryProtocol
-from dkd_ray.eval.arrays import Detections
+from dkd_ray.eval.arrays import ArraysError, Detections
 from dkd_ray.eval.boxes import expand_ranges, paired_iou, search_iou_threshold
 
 
@@ -46,7 +46,7 @@ class GalleryIndex:
     def build(cls, annotations: Annotations, gallery: Detections, score_threshold: float) -> "GalleryIndex":
         images = annotations.images
         if gallery.num_images != len(images):
-            raise ValueError(
+            raise ArraysError(
                 f"gallery detections index {gallery.num_images} images but the {annotations.dataset} "
                 f"image table has {len(images)}"
             )

@@ -16,6 +16,10 @@ Per query (docs/EVALUATION.md; OIM ``psdb.evaluate_search``, SeqNet/COAT ``eval_
 A query with ``count_gt == 0`` (possible e.g. in cross-camera search on other data) has no
 defined AP; it is left out of the means and counted out of ``num_queries``.
 
+Embeddings that would make a similarity non-finite (a NaN or inf, or values so large that a dot
+product overflows float32) are refused with an ``ArraysError`` before anything is computed, so
+every AP and top-k is a finite number.
+
 Two-step evaluation (a separate Re-ID model embedding the detector's boxes) is the same call
 with other embeddings: ``evaluate_search(ann, dets.with_embeddings(reid_gallery), reid_queries)``.
 Nothing here knows where embeddings come from.
@@ -36,7 +40,7 @@ from typing import Sequence
 import numpy as np
 
 from dkd_ray.data.annotations import Annotations
-from dkd_ray.eval.arrays import Detections
+from dkd_ray.eval.arrays import ArraysError, Detections
 from dkd_ray.eval.average_precision import count_at_least
 from dkd_ray.eval.boxes import expand_ranges
 from dkd_ray.eval.cbgm import CBGMConfig, ContextMatcher, query_context_from_detections, resolve_cbgm
@@ -48,6 +52,9 @@ TOP_K = (1, 5, 10)
 FULL_SET = "full"
 _CHUNK_ELEMENTS = 1 << 24  # similarities held at once (64 MiB of float32)
 _SAMPLE = 2048  # scores sampled to find a cut for the top list
+# Every partial sum of a d-dim dot product is at most d * max|q| * max|g|; kept below this (with
+# room for rounding) no float32 similarity can overflow to inf, or become inf - inf = NaN.
+_SIMILARITY_LIMIT = float(np.finfo(np.float32).max) / 4
 
 
 @dataclass
@@ -131,13 +138,18 @@ def evaluate_search(
     queries = annotations.queries
     query_embeddings = np.ascontiguousarray(query_embeddings, dtype=np.float32)
     if query_embeddings.ndim != 2 or len(query_embeddings) != len(queries):
-        raise ValueError(f"query_embeddings must be [{len(queries)}, d] (one per query), "
-                         f"got {query_embeddings.shape}")
+        raise ArraysError(f"query_embeddings must be [{len(queries)}, d] (one per query), "
+                          f"got {query_embeddings.shape}")
     if query_embeddings.shape[1] != gallery.dim:
-        raise ValueError(f"query embeddings are {query_embeddings.shape[1]}-d but gallery "
-                         f"embeddings are {gallery.dim}-d")
+        raise ArraysError(f"query embeddings are {query_embeddings.shape[1]}-d but gallery "
+                          f"embeddings are {gallery.dim}-d")
     started = time.perf_counter()
     index = GalleryIndex.build(annotations, gallery, score_threshold)
+    query_scale = largest_magnitude(query_embeddings, "query embeddings", lambda r: f"query {r}")
+    gallery_scale = largest_magnitude(  # only kept detections are ever compared
+        index.embeddings, f"gallery embeddings (score >= {score_threshold:g})",
+        lambda r: f"gallery row {int(index.source[r])} (image row {int(index.image[r])})")
+    check_similarities_finite(query_scale, gallery_scale, gallery.dim, "query")
     protocols = build_protocols(annotations, index, gallery_sizes=gallery_sizes, cross_camera=cross_camera)
     config = resolve_cbgm(cbgm, annotations.dataset)
     matcher = None
@@ -146,6 +158,10 @@ def evaluate_search(
             query_context = query_context_from_detections(
                 annotations, gallery, query_embeddings, score_threshold=score_threshold
             )
+        context_scale = largest_magnitude(
+            query_context.embeddings, "query context embeddings",
+            lambda r: f"context row {r} (query {int(query_context.image_index[r])})")
+        check_similarities_finite(context_scale, gallery_scale, gallery.dim, "query context")
         matcher = ContextMatcher(config, query_context, queries.box, index.embeddings, index.image,
                                  index.image_start, index.image_end)
     num_q = len(queries)
@@ -181,6 +197,31 @@ def evaluate_search(
         metrics.update(result.metrics())
     log.info("search %s done in %.1f s", annotations.dataset, time.perf_counter() - started)
     return SearchResults(annotations.dataset, results, config, metrics)
+
+
+def largest_magnitude(embeddings: np.ndarray, what: str, row_name) -> float:
+    """``max |x|`` over ``embeddings``; a NaN or inf is refused, naming its row (``row_name(r)``).
+
+    ``max``/``min`` propagate NaN and inf, so finite arrays cost two passes and no copy.
+    """
+    if embeddings.size == 0:
+        return 0.0
+    hi, lo = float(embeddings.max()), float(embeddings.min())
+    if not (np.isfinite(hi) and np.isfinite(lo)):
+        bad = ~np.isfinite(embeddings).all(axis=1)
+        r = int(np.flatnonzero(bad)[0])
+        value = embeddings[r][~np.isfinite(embeddings[r])][0]
+        raise ArraysError(f"{what}: {row_name(r)} is not finite ({value}); its similarities would be "
+                          "NaN or inf, so no metric could be computed")
+    return max(hi, -lo)
+
+
+def check_similarities_finite(scale_a: float, scale_b: float, dim: int, what: str) -> None:
+    """Refuse embedding magnitudes whose float32 dot products could overflow (NaN/inf similarity)."""
+    if dim * scale_a * scale_b > _SIMILARITY_LIMIT:
+        raise ArraysError(f"{what} and gallery embeddings reach |x| = {scale_a:.3g} and {scale_b:.3g} "
+                          f"({dim}-d): their float32 similarities would overflow to inf/NaN "
+                          "(embeddings are expected L2-normalised)")
 
 
 def build_protocols(

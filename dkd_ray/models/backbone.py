@@ -19,6 +19,8 @@ from torch import nn
 from torchvision.models import resnet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from dkd_ray.errors import InputError
+
 _IMAGENET_WEIGHTS = {
     "resnet18": resnet.ResNet18_Weights.IMAGENET1K_V1,
     "resnet34": resnet.ResNet34_Weights.IMAGENET1K_V1,
@@ -26,7 +28,7 @@ _IMAGENET_WEIGHTS = {
 }
 
 
-class BackboneWeightsError(RuntimeError):
+class BackboneWeightsError(InputError, RuntimeError):
     """Backbone weights could not be loaded; the message names the source and what to do."""
 
 

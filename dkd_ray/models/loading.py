@@ -95,3 +95,29 @@ def load_model(ref: str | os.PathLike, *, role: str | None = None, map_location:
     if role is not None and found is not None and found != role:
         raise ValueError(f"{os.fspath(ref)!r} holds a {found}, not a {role}")
     return model.eval()
+
+
+def check_model_ref(ref: str | os.PathLike, role: str, *, uri: str | None = None) -> None:
+    """Fail fast on the driver, before any Ray worker starts, when ``ref`` cannot give a ``role``
+    model: a local checkpoint or model folder is loaded (cheap, and it finds an empty or corrupt
+    one); an MLflow reference is looked up without downloading it. Raises ``ModelNotFoundError``
+    naming the reference."""
+    from dkd_ray.errors import InputError
+    from dkd_ray.tracking import ModelNotFoundError
+    from dkd_ray.tracking.loading import check_model_uri
+
+    text = os.fspath(ref)
+    if not text.strip():
+        raise ModelNotFoundError(f"empty {role} reference")
+    path = Path(text).expanduser()
+    if "://" in text or not path.exists():
+        check_model_uri(text, uri)
+        return
+    try:
+        load_model(path, role=role)
+    except InputError:
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever a broken file raises, say which file
+        raise ModelNotFoundError(f"{text}: not a readable {role} ({type(error).__name__}: "
+                                 f"{str(error).splitlines()[0] if str(error) else ''})") from None
+

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dkd_ray.config import Config
-from dkd_ray.sweep.summary import TrialSummary, rank_trials
+from dkd_ray.sweep.summary import TrialSummary, has_finite_metric, rank_trials
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,9 @@ def trial_summaries(result_grid, metric: str, epochs: int, runs: dict[str, Any],
 
 
 def pick_champion(trials: list[TrialSummary], mode: str) -> TrialSummary:
-    finished = [t for t in rank_trials(trials, mode) if t.status == "finished" and t.metric is not None]
+    finished = [t for t in rank_trials(trials, mode) if t.status == "finished" and has_finite_metric(t)]
     if not finished:
-        raise RuntimeError("no trial of the sweep finished all its epochs with a metric; nothing to register "
+        raise RuntimeError("no trial of the sweep finished all its epochs with a finite metric; nothing to register "
                            f"(statuses: {sorted({t.status for t in trials})})")
     return finished[0]
 

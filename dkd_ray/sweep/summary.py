@@ -28,9 +28,9 @@ class TrialSummary:
     checkpoint: str = ""  # path of its final checkpoint
 
 
-def _has_metric(trial: TrialSummary) -> bool:
-    # NaN counts as "never reported": a diverged trial must not win (or break) the ranking.
-    return trial.metric is not None and not math.isnan(trial.metric)
+def has_finite_metric(trial: TrialSummary) -> bool:
+    # NaN and inf count as "never reported": a diverged trial must not win (or break) the ranking.
+    return trial.metric is not None and math.isfinite(trial.metric)
 
 
 def rank_trials(trials: Iterable[TrialSummary], mode: str) -> list[TrialSummary]:
@@ -40,7 +40,7 @@ def rank_trials(trials: Iterable[TrialSummary], mode: str) -> list[TrialSummary]
     sign = -1.0 if mode == "max" else 1.0
 
     def key(t: TrialSummary):
-        return (0, sign * t.metric, t.trial_id) if _has_metric(t) else (1, 0.0, t.trial_id)
+        return (0, sign * t.metric, t.trial_id) if has_finite_metric(t) else (1, 0.0, t.trial_id)
 
     return sorted(trials, key=key)
 
@@ -56,7 +56,7 @@ def _fmt_param(value) -> str:
 
 
 def _fmt_metric(trial: TrialSummary) -> str:
-    return f"{trial.metric:.4f}" if _has_metric(trial) else MISSING
+    return f"{trial.metric:.4f}" if has_finite_metric(trial) else MISSING
 
 
 def format_trials_table(trials: Iterable[TrialSummary], metric: str, mode: str) -> str:
@@ -82,14 +82,14 @@ def _write_csv(ranked: list[TrialSummary], metric: str, path: Path) -> None:
         writer.writerow(["rank", "trial_id", "status", "epochs", metric, *keys, "run_id", "checkpoint"])
         for i, t in enumerate(ranked, start=1):
             # Full precision here (the CSV is for machines); empty cells where there is no value.
-            writer.writerow([i, t.trial_id, t.status, t.epochs, t.metric if _has_metric(t) else "",
+            writer.writerow([i, t.trial_id, t.status, t.epochs, t.metric if has_finite_metric(t) else "",
                              *(t.params.get(k, "") for k in keys), t.run_id, t.checkpoint])
 
 
 def _plot(ranked: list[TrialSummary], metric: str, log_scale: set[str], path: Path) -> bool:
     """One panel per swept parameter, metric against value. False (nothing drawn) when there are
     no parameters or no trial has a metric."""
-    scored = [t for t in ranked if _has_metric(t)]
+    scored = [t for t in ranked if has_finite_metric(t)]
     keys = _param_keys(ranked)
     if not scored or not keys:
         return False

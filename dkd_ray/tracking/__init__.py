@@ -43,9 +43,9 @@ from .model_logging import CONFIG_FILE, STATE_DICT_FILE
 from .naming import (PIPELINE_ENV, experiment_name, new_pipeline_id, registered_model_name, tracking_uri,
                      version_tags)
 from .redaction import redact_params, redact_uri
-from .registry import latest_registered, register_model, set_alias
+from .registry import UnmeasuredModelError, finite_headline, latest_registered, register_model, set_alias
 from .tracker import Tracker
 
-__all__ = ["CONFIG_FILE", "PICKLE_ENV", "PIPELINE_ENV", "STATE_DICT_FILE", "ModelNotFoundError", "Tracker",
+__all__ = ["CONFIG_FILE", "PICKLE_ENV", "PIPELINE_ENV", "STATE_DICT_FILE", "ModelNotFoundError", "Tracker", "UnmeasuredModelError", "finite_headline",
            "experiment_name", "latest_registered", "load_model", "new_pipeline_id", "redact_params", "redact_uri",
            "register_model", "registered_model_name", "set_alias", "tracking_uri", "version_tags"]

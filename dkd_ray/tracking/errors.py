@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import re
 
+from dkd_ray.errors import InputError
 
-class ModelNotFoundError(LookupError):
+
+class ModelNotFoundError(InputError, LookupError):
     """A model reference (URI, run id, path) resolves to no model."""
 
 

@@ -53,6 +53,42 @@ def load_model(ref: str | os.PathLike, *, builder: Callable[[dict], nn.Module] |
     return _load_local(_download(model_uri, uri), builder, map_location, text, trust_pickle)
 
 
+def check_model_uri(ref: str, uri: str | None = None) -> str:
+    """That the MLflow reference ``ref`` (a models:/ version or alias, a runs:/ URI, a run id, a
+    logged-model id) names something that exists, without downloading it; returns its model URI.
+    ``ModelNotFoundError`` (bad input, exit status 2) names what is missing."""
+    from mlflow.exceptions import MlflowException
+
+    logged_model = re.compile(r"m-[0-9a-f]{32}")
+    target = ref.removeprefix("models:/")
+    if not (ref.startswith(("models:/", "runs:/")) or _RUN_ID.fullmatch(ref) or logged_model.fullmatch(ref)):
+        raise ModelNotFoundError(f"model reference {ref!r} is neither an existing path, an MLflow URI "
+                                 "(models:/name/3, models:/name@alias, runs:/<run id>/<name>) nor a run id")
+    if ref.startswith("models:/") and not logged_model.fullmatch(target) and "@" not in target \
+            and not target.partition("/")[2]:
+        name = target.partition("/")[0]
+        raise ModelNotFoundError(f"{ref!r}: give a version or an alias (models:/{name}/3, models:/{name}@champion)")
+    client = _use_uri(uri)
+    try:
+        if ref.startswith("runs:/"):
+            client.get_run(ref.removeprefix("runs:/").split("/", 1)[0])
+        elif _RUN_ID.fullmatch(ref):
+            return _run_model_uri(ref, uri)
+        elif logged_model.fullmatch(target):
+            client.get_logged_model(target)
+            return f"models:/{target}"
+        elif "@" in target:
+            client.get_model_version_by_alias(*target.split("@", 1))
+        else:
+            client.get_model_version(*target.split("/", 1))
+    except MlflowException as error:
+        if _is_rejection(error):
+            raise ModelNotFoundError(f"no model {ref!r} in MLflow at {redact_uri(uri or tracking_uri())}: "
+                                     f"{_short(error)}") from None
+        raise
+    return ref
+
+
 def _download(model_uri: str, uri: str | None) -> Path:
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException

@@ -1,10 +1,33 @@
-"""The MLflow model registry: register a version, alias it, find the newest."""
+"""The MLflow model registry: register a version, alias it, find the newest.
+
+The registry only ever holds models that were measured: a version needs a finite headline
+metric (its ``mAP`` tag). A diverged run (mAP nan or inf) would otherwise sort above every real
+version in the UI, and "newest registered teacher" or a sweep's champion could pick it.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Mapping
 
+from dkd_ray.errors import InputError
+
 from .naming import tracking_uri
+
+HEADLINE_TAG = "mAP"
+
+
+class UnmeasuredModelError(InputError, ValueError):
+    """A model without a finite headline metric may not be registered or aliased."""
+
+
+def finite_headline(tags: Mapping[str, Any] | None) -> float | None:
+    """The version tags' headline metric as a finite float, else None (missing, unparsable, nan, inf)."""
+    try:
+        value = float((tags or {})[HEADLINE_TAG])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 if TYPE_CHECKING:  # heavy imports stay lazy: importing dkd_ray must not import mlflow
     from mlflow.entities.model_registry import ModelVersion
@@ -22,9 +45,13 @@ def _use_uri(uri: str | None):
 
 def register_model(model_uri: str, name: str, *, tags: Mapping[str, Any] | None = None,
                    alias: str | None = None, uri: str | None = None) -> ModelVersion:
-    """Register ``model_uri`` as a new version of ``name`` (created if missing); tag and alias it."""
+    """Register ``model_uri`` as a new version of ``name`` (created if missing); tag and alias it.
+    Refused (``UnmeasuredModelError``) unless ``tags`` carry a finite headline metric."""
     import mlflow
 
+    if finite_headline(tags) is None:
+        raise UnmeasuredModelError(f"{model_uri} not registered as {name}: its {HEADLINE_TAG} is "
+                                   f"{(tags or {}).get(HEADLINE_TAG, 'missing')!s} (a registered model needs a finite one)")
     _use_uri(uri)
     version = mlflow.register_model(model_uri, name, await_registration_for=60,
                                     tags={k: str(v) for k, v in (tags or {}).items()})
@@ -34,11 +61,18 @@ def register_model(model_uri: str, name: str, *, tags: Mapping[str, Any] | None 
 
 
 def set_alias(name: str, alias: str, version: str | int, *, uri: str | None = None) -> None:
-    """Point ``name@alias`` (e.g. ``champion``) at ``version``."""
-    _use_uri(uri).set_registered_model_alias(name, alias, str(version))
+    """Point ``name@alias`` (e.g. ``champion``) at ``version``; refused for a version without a
+    finite headline metric (one registered before this rule, or tagged by hand)."""
+    client = _use_uri(uri)
+    tags = client.get_model_version(name, str(version)).tags
+    if finite_headline(tags) is None:
+        raise UnmeasuredModelError(f"{name} version {version} not given the alias {alias!r}: its {HEADLINE_TAG} "
+                                   f"is {tags.get(HEADLINE_TAG, 'missing')} (an alias needs a finite one)")
+    client.set_registered_model_alias(name, alias, str(version))
 
 
 def latest_registered(name: str, *, uri: str | None = None) -> ModelVersion | None:
-    """The newest version of registered model ``name``, or None if it has none."""
-    versions = _use_uri(uri).search_model_versions(f"name = '{name}'")
+    """The newest version of registered model ``name`` with a finite headline metric, or None.
+    Versions without one (registered by older releases, or by hand) are skipped."""
+    versions = [v for v in _use_uri(uri).search_model_versions(f"name = '{name}'") if finite_headline(v.tags) is not None]
     return max(versions, key=lambda v: int(v.version)) if versions else None

@@ -13,11 +13,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
 
+from dkd_ray.errors import InputError
+
 from .errors import _is_rejection, _short
 from .model_logging import CONFIG_FILE, _log_model
 from .naming import PIPELINE_ENV, experiment_name, tracking_uri
 from .redaction import _param_text, redact_params, redact_uri
-from .registry import register_model, set_alias
+from .registry import HEADLINE_TAG, finite_headline, register_model, set_alias
 
 if TYPE_CHECKING:  # heavy imports stay lazy: importing dkd_ray must not import mlflow
     import numpy as np
@@ -206,7 +208,12 @@ class Tracker:
             logger.warning("model %r was not logged to MLflow; the weights remain in the "
                            "checkpoints (%s)", name, self.checkpoint_dir or "the run's storage path")
             return None
-        if registered_name:
+        if registered_name and finite_headline(version_tags) is None:
+            headline = (version_tags or {}).get(HEADLINE_TAG, "missing")
+            logger.warning("model %r logged but NOT registered as %s: its %s is %s (a registered model needs a "
+                           "finite one)", name, registered_name, HEADLINE_TAG, headline)
+            self.set_tags({"registration": f"refused: {HEADLINE_TAG}={headline}"})
+        elif registered_name:
             version = self.register_model(info.model_uri, registered_name, tags=version_tags,
                                           alias=alias)
             if version is not None:
@@ -237,6 +244,9 @@ class Tracker:
             self._flush_pending()
             result = action()
         except Exception as error:  # noqa: BLE001 - tracking must never stop training
+            if isinstance(error, InputError):  # refused by our own rules (registry.py), not by the server
+                logger.warning("refused to %s: %s", what, error)
+                return None
             if _is_rejection(error):
                 logger.warning("MLflow rejected the request to %s: %s", what, _short(error))
                 return None

@@ -79,12 +79,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from dkd_ray.errors import InputError
+
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(InputError, RuntimeError):
     """A checkpoint is missing, unreadable or holds something other than plain data."""
 
 
@@ -264,8 +266,12 @@ def _safe_load(file: Path, map_location: Any) -> Any:
     try:
         return torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        raise CheckpointError(f"{file} holds more than plain tensors/containers and is refused "
-                              f"(torch.load weights_only=True): {error}") from error
+        # torch's text is a page of advice; its reason is the line after "WeightsUnpickler error:"
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = next((lines[i + 1] for i, line in enumerate(lines[:-1]) if "WeightsUnpickler error" in line), lines[0]
+                      if lines else "")
+        raise CheckpointError(f"{file} is not a plain-tensor checkpoint and is refused (torch.load "
+                              f"weights_only=True: {reason})") from error
     except (OSError, RuntimeError, EOFError) as error:
         raise CheckpointError(f"cannot read checkpoint {file}: {error}") from error
 

@@ -3,8 +3,9 @@
 Every job (and every Tune trial) runs a loop function from ``teacher_loop``/``student_loop``
 through ``fit``: ``ScalingConfig`` from the config (workers, GPUs, CPUs per worker), DDP over NCCL
 on GPUs and gloo on CPUs, checkpoints in ``storage_path/name`` (a local folder, NFS or S3), and
-``FailureConfig`` restarting failed workers from the latest checkpoint. Submitting the same
-``name`` and ``storage_path`` again resumes the run (Ray Train V2 reloads its checkpoint state).
+restarts of a failed run from its latest checkpoint (bad input and aborts are never retried).
+Submitting the same ``name`` and ``storage_path`` again resumes the run (Ray Train V2 reloads its
+checkpoint state).
 """
 
 from __future__ import annotations
@@ -70,9 +71,16 @@ def use_gpu(cfg: Config) -> bool:
 
 def fit(loop: Callable[[dict[str, Any]], Any], loop_config: dict[str, Any], cfg: Config, *, name: str,
         storage_path: str | Path, callbacks: list | None = None):
-    """Run ``loop`` on ``cfg.train.num_workers`` Ray Train workers; returns the ``ray.train.Result``."""
+    """Run ``loop`` on ``cfg.train.num_workers`` Ray Train workers; returns the ``ray.train.Result``.
+
+    Failures are retried here, not inside Ray Train, so that a deterministic one is not: a worker
+    that raises bad input (``InputError``: a dataset, config, bank or model reference) or a
+    ``TrainingAborted`` fails the run at once with that exception, its class and message intact;
+    anything else (a lost worker or node) restarts the run from its latest checkpoint (same name
+    and storage: Ray Train V2 reloads it) up to ``train.max_failures`` times (-1: no limit)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2.api.exceptions import TrainingFailedError
 
     gpu = use_gpu(cfg)
     loop_config = {**loop_config, "config": {**loop_config["config"],
@@ -80,23 +88,66 @@ def fit(loop: Callable[[dict[str, Any]], Any], loop_config: dict[str, Any], cfg:
     storage = str(storage_path) if "://" in str(storage_path) else str(Path(storage_path).resolve())
     if "://" not in storage:  # lets a restarted worker find checkpoints Ray had not registered yet
         loop_config["run_dir"] = str(Path(storage) / name)
-    trainer = TorchTrainer(
-        StopOnAbort(loop),
-        train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=gpu,
-                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if gpu else {})}),
-        run_config=RunConfig(name=name, storage_path=storage, callbacks=callbacks,
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
     log.info("Ray Train run %s: %d worker(s), %s, storage %s", name, cfg.train.num_workers,
              "GPU/NCCL" if gpu else "CPU/gloo", storage)
-    result = trainer.fit()
+    budget = cfg.train.max_failures if cfg.train.max_failures >= 0 else 10**9
+    for failures in range(budget + 1):
+        trainer = TorchTrainer(
+            StopOnAbort(loop),
+            train_loop_config=loop_config,
+            torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=gpu,
+                                         resources_per_worker={"CPU": cfg.train.cpus_per_worker,
+                                                               **({"GPU": 1} if gpu else {})}),
+            run_config=RunConfig(name=name, storage_path=storage, callbacks=callbacks,
+                                 failure_config=FailureConfig(max_failures=0),  # retried by this loop
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        )
+        try:
+            result = trainer.fit()
+            break
+        except TrainingFailedError as error:
+            deterministic = deterministic_failure(error)
+            if deterministic is not None:
+                raise deterministic from None
+            if failures == budget:
+                raise
+            log.warning("Ray Train run %s failed (%s); restarting from its latest checkpoint (failure %d of at "
+                        "most %s)", name, _first_line(error), failures + 1,
+                        cfg.train.max_failures if cfg.train.max_failures >= 0 else "unlimited")
     aborted = (result.metrics or {}).get(ABORTED)
     if aborted:
         raise TrainingAborted(f"Ray Train run {name}: {aborted}")
     return result
+
+
+def deterministic_failure(error: BaseException) -> BaseException | None:
+    """The first worker's (lowest rank) bad-input or abort exception inside a Ray Train failure,
+    unwrapped from Ray's wrappers; None for failures a retry may cure."""
+    from dkd_ray.errors import InputError
+
+    causes = [e for _, e in sorted((getattr(error, "worker_failures", None) or {}).items())]
+    causes.append(getattr(error, "controller_failure", None))
+    for cause in causes:
+        seen: set[int] = set()
+        while cause is not None and id(cause) not in seen:
+            seen.add(id(cause))
+            if isinstance(cause, (InputError, TrainingAborted)):
+                return cause
+            # Ray Train wraps a worker's exception (_base_exc), Ray core a task's (cause)
+            cause = (getattr(cause, "_base_exc", None) or getattr(cause, "cause", None) or cause.__cause__
+                     or cause.__context__)
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    """``rank 1: ActorDiedError: ...`` for a worker failure, else the error's first line."""
+    for rank, cause in sorted((getattr(error, "worker_failures", None) or {}).items()):
+        cause = getattr(cause, "_base_exc", None) or cause
+        text = next((line for line in str(cause).splitlines() if line.strip()), "")
+        return f"rank {rank}: {type(cause).__name__}: {text}"[:300]
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(error).__name__
 
 
 ABORTED = "aborted"
@@ -104,9 +155,9 @@ ABORTED = "aborted"
 
 class StopOnAbort:
     """Wraps a training loop: a ``TrainingAborted`` raised by every rank (a deterministic failure)
-    is reported as the run's last result and the workers return normally, so Ray Train does not
-    spend ``max_failures`` restarting into the same failure; ``fit`` then raises it on the driver.
-    Lost workers and other errors still raise, and are retried."""
+    is reported as the run's last result (with an ``aborted`` checkpoint saying why) and the workers
+    return normally; ``fit`` then raises it on the driver, once. Lost workers and other errors
+    still raise, and ``fit`` retries them."""
 
     def __init__(self, loop: Callable[[dict[str, Any]], Any]) -> None:
         self.loop = loop

@@ -79,7 +79,7 @@ def build_bank_shard(teacher: torch.nn.Module, annotations: Annotations, cfg: Co
 
     crop_size = teacher_input_size(teacher, cfg)
     rows = labelled_box_rows(annotations, "train")[session.rank :: session.world_size]
-    crops = PersonCropDataset(annotations, rows, crop_size=crop_size)
+    crops = PersonCropDataset(annotations, rows, crop_size=crop_size, on_unreadable="raise")  # every row or none
     loader = DataLoader(crops, batch_size=64, num_workers=cfg.data.loader_workers)
     batches = ((images, box_index, image_index) for images, _, box_index, image_index in loader)
     facts = {"dataset": cfg.data.dataset, TEACHER_INPUT_KEY: list(crop_size),

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from dkd_ray.config import Config
+from dkd_ray.config import Config, ConfigError
 from dkd_ray.data.datasets import PersonCropDataset, labelled_box_rows
 from dkd_ray.data.samplers import PKBatchSampler, SkipBatches
 from dkd_ray.data.splits import validation_split
@@ -54,12 +54,14 @@ def train_teacher(loop_config: dict[str, Any], session: Session | None = None) -
     rows = labelled_box_rows(annotations, "train")
     crops = PersonCropDataset(
         annotations, rows, crop_size=(tcfg.input_height, tcfg.input_width), isa_strength=tcfg.isa_strength,
-        flip_prob=0.5, random_erasing=tcfg.random_erasing, pad=tcfg.pad, seed=cfg.train.seed)
+        flip_prob=0.5, random_erasing=tcfg.random_erasing, pad=tcfg.pad, seed=cfg.train.seed,
+        on_unreadable="replace")  # another crop of the same identity: P x K batches stay whole
     sampler = PKBatchSampler(crops.pids, tcfg.p_identities, tcfg.k_instances, rank=session.rank,
                              world_size=session.world_size, seed=cfg.train.seed, epoch_unit=tcfg.epoch_unit)
     iters_per_epoch = len(sampler)
     if iters_per_epoch == 0:
-        raise ValueError(f"teacher: too few identities for P={tcfg.p_identities} on {session.world_size} worker(s)")
+        raise ConfigError(f"teacher.p_identities={tcfg.p_identities}: too few training identities with "
+                          f"{tcfg.k_instances}+ boxes for one P x K batch on each of {session.world_size} worker(s)")
 
     model = build_teacher(tcfg, annotations.num_train_ids)
     criterion = TeacherCriterion(tcfg.label_smoothing, tcfg.triplet_margin)

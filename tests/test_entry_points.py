@@ -1,0 +1,70 @@
+"""Every entry point turns bad input into one line on stderr and exit status 2, before Ray starts
+and before anything is written or registered. Real processes, as a user runs the jobs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_job(job: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, str(REPO / "jobs" / job), *args], capture_output=True, text=True,
+                          timeout=180, cwd=cwd, env=env)
+
+
+def assert_one_line_refusal(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("job", ["train_teacher.py", "train_student.py", "pipeline.py", "tune_distill.py"])
+@pytest.mark.parametrize("override, key", [("teacher.lr=inf", "teacher.lr"), ("student.lr=nan", "student.lr"),
+                                           ("distill.prob_weight=-1", "distill.prob_weight"),
+                                           ("student.no_such_key=1", "student.no_such_key")])
+def test_a_bad_config_value_is_one_line_naming_the_key(job, override, key, tmp_path):
+    result = run_job(job, "--set", override, "--storage-path", str(tmp_path / "runs"), cwd=tmp_path)
+    assert_one_line_refusal(result, key)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("teacher, fragment", [("no/such/teacher", "'no/such/teacher'"),
+                                               ("models:/dkd-teacher-synthetic/41", "dkd-teacher-synthetic/41"),
+                                               ("0123456789abcdef0123456789abcdef", "0123456789abcdef"),
+                                               ("EMPTY", "holds no model")])
+def test_a_teacher_reference_naming_nothing_is_one_line_before_ray(teacher, fragment, tmp_path):
+    if teacher == "EMPTY":
+        teacher = str(tmp_path / "empty-checkpoint")
+        Path(teacher).mkdir()
+    result = run_job("train_student.py", "--teacher", teacher, "--storage-path", str(tmp_path / "runs"),
+                     cwd=tmp_path)
+    assert_one_line_refusal(result, fragment)
+    assert not (tmp_path / "runs").exists()  # no data generated, no Ray run
+
+
+def test_a_corrupt_checkpoint_file_is_one_line_naming_it(tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "state.pt").write_bytes(b"\x80\x02 not a checkpoint")
+    result = run_job("train_student.py", "--teacher", str(folder), "--storage-path", str(tmp_path / "runs"),
+                     cwd=tmp_path)
+    assert_one_line_refusal(result, str(folder))
+
+
+def test_make_synthetic_into_a_folder_that_cannot_exist_is_one_line(tmp_path):
+    blocker = tmp_path / "a-file"  # a file where a folder must go: refused even for root
+    blocker.write_text("not a folder")
+    result = run_job("make_synthetic.py", "--layout", "cuhk_sysu", "--root", str(blocker / "CUHK-SYSU"),
+                     "--preset", "tiny", cwd=tmp_path)
+    assert_one_line_refusal(result, "a-file")
