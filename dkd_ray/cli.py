@@ -122,12 +122,12 @@ def run_name(args: argparse.Namespace, job: str) -> str:
     return args.resume or args.run_name or f"{job}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_driver(args: argparse.Namespace, cfg: Config) -> tuple[Path, str]:
-    """Logging, MLflow location and pipeline id for the workers, Ray, and the dataset folder.
-    Returns ``(data_root, storage_path)``."""
+def prepare_driver(args: argparse.Namespace, cfg: Config, *, check_data: bool = True) -> tuple[Path, str]:
+    """Logging, MLflow location and pipeline id for the workers, the dataset folder (checked
+    that it can train, unless ``check_data`` is False), then Ray. Returns ``(data_root, storage_path)``."""
     from dkd_ray import tracking
     from dkd_ray.train.runner import init_ray
-    from dkd_ray.train.workdata import resolve_data_root
+    from dkd_ray.train.workdata import check_trainable, resolve_data_root
 
     setup_logging()
     # Resolved once here: workers run in Ray's folders, not the user's.
@@ -135,6 +135,8 @@ def prepare_driver(args: argparse.Namespace, cfg: Config) -> tuple[Path, str]:
     os.environ.setdefault(tracking.PIPELINE_ENV, tracking.new_pipeline_id())
     storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
     data_root = resolve_data_root(cfg, storage if "://" not in storage else "data")
+    if check_data:  # bad data fails here in seconds, not in a worker after Ray started
+        check_trainable(cfg, data_root)
     init_ray()
     logging.getLogger("dkd_ray").info("MLflow tracking: %s (pipeline %s)", tracking.redact_uri(
         os.environ["MLFLOW_TRACKING_URI"]), os.environ[tracking.PIPELINE_ENV])

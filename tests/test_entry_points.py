@@ -4,6 +4,7 @@ and before anything is written or registered. Real processes, as a user runs the
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,33 @@ def test_make_synthetic_into_a_folder_that_cannot_exist_is_one_line(tmp_path):
     result = run_job("make_synthetic.py", "--layout", "cuhk_sysu", "--root", str(blocker / "CUHK-SYSU"),
                      "--preset", "tiny", cwd=tmp_path)
     assert_one_line_refusal(result, "a-file")
+
+
+@pytest.fixture(scope="module")
+def tiny_prw(tmp_path_factory) -> Path:
+    from dkd_ray.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("prw") / "PRW"
+    generate(root, "prw", "tiny", seed=0)
+    return root
+
+
+def test_a_nan_query_box_stops_training_on_the_driver_before_ray(tiny_prw, tmp_path):
+    broken = Path(shutil.copytree(tiny_prw, tmp_path / "PRW", ignore=shutil.ignore_patterns(".dkd_cache")))
+    lines = (broken / "query_info.txt").read_text().splitlines()
+    fields = lines[1].split()
+    fields[2] = "nan"  # the x coordinate of the second query's box
+    lines[1] = " ".join(fields)
+    (broken / "query_info.txt").write_text("\n".join(lines) + "\n")
+    result = run_job("train_teacher.py", "--dataset", "prw", "--data-root", str(broken), "--storage-path",
+                     str(tmp_path / "runs"), cwd=tmp_path)
+    assert_one_line_refusal(result, "query_info.txt", "line 2")
+    assert "Ray" not in result.stdout  # refused before a cluster started
+    assert not (tmp_path / "mlflow.db").exists()  # no run, nothing registered
+
+
+def test_a_dataset_too_small_for_the_teacher_batch_is_refused_naming_the_file(tiny_cuhk, tmp_path):
+    result = run_job("train_student.py", "--dataset", "cuhk_sysu", "--data-root", str(tiny_cuhk), "--set",
+                     "teacher.p_identities=500", "--storage-path", str(tmp_path / "runs"), cwd=tmp_path)
+    assert_one_line_refusal(result, "Train.mat", "training identities")
+    assert not (tmp_path / "mlflow.db").exists()

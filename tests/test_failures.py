@@ -52,7 +52,11 @@ def _lost_once_then_fine(config: dict) -> None:
     if rank == 0 and not marker.exists():
         marker.touch()
         raise RuntimeError("connection to the other worker lost")  # what a dead node looks like
-    ray.train.report({"done": 1.0})
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:  # Result.metrics are those of the last checkpoint
+        Path(folder, "done.txt").write_text("done")
+        ray.train.report({"done": 1.0}, checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
 
 
 def test_bad_input_on_one_worker_fails_once_with_its_own_error(local_ray, tmp_path):

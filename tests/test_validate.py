@@ -53,7 +53,8 @@ def broken_cuhk(tmp_path_factory):
 
 
 def test_cuhk_planted_problems_are_all_found(broken_cuhk):
-    report = validate_dataset("cuhk_sysu", broken_cuhk, workers=2)
+    # min_identities=1: of the fixture's training identities only p10 has two boxes
+    report = validate_dataset("cuhk_sysu", broken_cuhk, workers=2, min_identities=1)
     assert find(report, "error", "Image/SSM/s3.jpg", "missing image")
     assert find(report, "error", "Image/SSM/s4.jpg", "does not decode")
     assert find(report, "error", "Image/SSM/s5.jpg", "truncated")
@@ -133,14 +134,16 @@ def test_prw_planted_problems_are_all_found(broken_prw):
 
 def test_job_exit_status_and_output(broken_cuhk, tmp_path, capsys):
     job = load_job()
-    assert job.main(["--dataset", "cuhk_sysu", "--data-root", str(broken_cuhk), "--quiet"]) == 1
+    assert job.main(["--dataset", "cuhk_sysu", "--data-root", str(broken_cuhk), "--quiet",
+                     "--min-identities", "1"]) == 1
     out = capsys.readouterr().out
     assert "ERROR Image/SSM/s4.jpg: image does not decode" in out
     assert "WARNING annotation/Images.mat:Img(1).box(3): zero-area box" in out
     assert "FAILED: 3 errors" in out
 
     clean = write_prw(tmp_path / "prw")  # warnings only (a zero-area box, a clipped box)
-    assert job.main(["--dataset", "prw", "--data-root", str(clean)]) == 0
+    # --min-identities 0: the fixture's training identities have one box each
+    assert job.main(["--dataset", "prw", "--data-root", str(clean), "--min-identities", "0"]) == 0
     captured = capsys.readouterr()
     assert "OK: training can start" in captured.out
     assert "train identities: 3" in captured.out and "queries: 2" in captured.out

@@ -5,6 +5,8 @@ every source file (and :data:`FORMAT_VERSION`), so a changed source gives a new 
 untouched one is shared by every worker of a cluster. Hashing hundreds of MB of ``TestG`` files
 on every load would cost seconds, so, like git's index, ``source_hashes.json`` remembers each
 file's ``(size, mtime_ns) -> sha256`` and only files whose stat changed are hashed again.
+The key also covers the images, whose header sizes the readers clip boxes to: the name, byte
+size and mtime of every file in the image folder (:func:`image_folder_digest`).
 Entries are written to a temporary folder and renamed into place, so a concurrent reader sees
 either nothing or a complete entry; on a cold cache one worker parses under a file lock while
 the others wait for its entry.
@@ -26,8 +28,10 @@ import json
 import logging
 import os
 import shutil
+import stat as stat_module
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -47,7 +51,7 @@ from .annotations import (
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when the readers' rules or this layout change
+FORMAT_VERSION = 2  # bump when the readers' rules or this layout change (2: non-finite boxes)
 HASH_INDEX_FILE = "source_hashes.json"
 META_FILE = "meta.json"
 # A file modified this close to the moment it was hashed may change again within the same
@@ -57,15 +61,36 @@ RACY_WINDOW_NS = 2_000_000_000
 
 # --- Where -------------------------------------------------------------------------------------
 
+FALLBACK_DIR_NAME = "dkd-ray-cache"  # under tempfile.gettempdir()
+_warned_fallbacks: set[str] = set()  # one warning per fallback folder and process
+
+
 def default_cache_dir(root: str | Path) -> Path:
     """``<root>/.dkd_cache`` when the dataset folder is writable, else a per-user folder keyed
-    by the dataset's absolute path."""
+    by the dataset's absolute path, else (read-only home too) one under the temp folder."""
     root = Path(root).resolve()
     local = root / ".dkd_cache"
     if _writable_dir(local):
         return local
     digest = hashlib.sha256(str(root).encode()).hexdigest()[:16]
-    return Path.home() / ".cache" / "dkd_ray" / digest
+    try:
+        per_user = Path.home() / ".cache" / "dkd_ray" / digest
+    except (RuntimeError, KeyError):  # no HOME and no passwd entry
+        per_user = None
+    if per_user is not None and _writable_dir(per_user):
+        return per_user
+    return _fallback_dir(root, f"neither {local} nor {per_user} is writable")
+
+
+def _fallback_dir(root: Path, why: str) -> Path:
+    """``<tempdir>/dkd-ray-cache/<digest of root>``, with one warning per process. Temp folders
+    are usually cleaned at reboot: a parse now and then, never a failed run."""
+    digest = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]
+    fallback = Path(tempfile.gettempdir()) / FALLBACK_DIR_NAME / digest
+    if str(fallback) not in _warned_fallbacks:
+        _warned_fallbacks.add(str(fallback))
+        log.warning("annotation cache for %s: %s; using %s instead", root, why, fallback)
+    return fallback
 
 
 def _writable_dir(path: Path) -> bool:
@@ -92,17 +117,27 @@ class SourceHashIndex:
             self.entries = {}
 
     def sha256(self, file: str) -> str | None:
-        """The content hash of ``file`` (an absolute path), None if it does not exist."""
+        """The content hash of ``file`` (an absolute path), None if it does not exist. A path
+        that is no readable file (a folder, a file where its folder should be, a symlink loop,
+        no permission) gets a marker instead: the key is still made, and the readers then name
+        the problem (a DatasetError) rather than a traceback from here."""
         try:
             stat = os.stat(file)
         except FileNotFoundError:
             return None
+        except OSError as exc:  # ENOTDIR, ELOOP, EACCES on a parent folder
+            return f"unreadable: errno {exc.errno}"
+        if not stat_module.S_ISREG(stat.st_mode):  # a folder; a pipe would block the read
+            return f"not a regular file: mode {stat.st_mode:o}"
         entry = self.entries.get(file)
         if (entry is not None and entry[0] == stat.st_size and entry[1] == stat.st_mtime_ns
                 and entry[3] - stat.st_mtime_ns > RACY_WINDOW_NS):
             return entry[2]
         hashed_at = time.time_ns()
-        digest = _file_sha256(file)
+        try:
+            digest = _file_sha256(file)
+        except OSError as exc:  # permission denied, I/O error
+            return f"unreadable: errno {exc.errno}"
         self.hashed_bytes += stat.st_size
         self.entries[file] = [stat.st_size, stat.st_mtime_ns, digest, hashed_at]
         self.changed = True
@@ -110,7 +145,11 @@ class SourceHashIndex:
 
     def save(self) -> None:
         if self.changed:
-            _atomic_write_text(self.path, json.dumps(self.entries))
+            try:
+                _atomic_write_text(self.path, json.dumps(self.entries))
+            except OSError as exc:  # a read-only cache: files are hashed again next time
+                log.warning("cannot save %s (%s); source files will be hashed again",
+                            self.path, exc)
             self.changed = False
 
 
@@ -129,17 +168,65 @@ def source_files(dataset: str, root: Path) -> list[str]:
     return {"cuhk_sysu": cuhk_sysu.source_files, "prw": prw.source_files}[dataset](root)
 
 
+def image_folder(dataset: str) -> str:
+    """The folder holding the dataset's images, relative to its root."""
+    from . import cuhk_sysu, prw
+
+    return {"cuhk_sysu": cuhk_sysu.IMAGE_DIR, "prw": prw.FRAME_DIR}[dataset]
+
+
+def image_folder_digest(folder: str | Path, *, workers: int = 8) -> str:
+    """SHA-256 of the name, byte size and mtime of every file in the image ``folder``: what the
+    tables depend on in the images (their header sizes, to which boxes are clipped).
+
+    One stat per file, not a header read: a stat is a single metadata round trip that network
+    file systems answer from their attribute cache, a header read is an open plus a data read
+    (several times slower on 20k files). Threads hide the latency as for the headers. A
+    replaced image changes its mtime, so it is caught even at the same byte size; a copy of the
+    dataset that does not keep mtimes gets one fresh parse. Listing the folder, not the
+    annotated paths (unknown before the parse), also covers images that appear."""
+    folder = os.fspath(folder)
+    try:
+        with os.scandir(folder) as entries:
+            names = sorted(e.name for e in entries if not e.name.startswith("."))
+    except FileNotFoundError:
+        return "absent"
+    except OSError as exc:  # a file where the folder should be, a loop: the readers report it
+        return f"unlistable: errno {exc.errno}"
+
+    def stats(chunk: list[str]) -> list[str]:
+        lines = []
+        for name in chunk:
+            try:
+                s = os.stat(os.path.join(folder, name))
+                lines.append(f"{name}\0{s.st_size}\0{s.st_mtime_ns}\0{s.st_mode:o}")
+            except OSError as exc:  # a symlink loop, a dangling link
+                lines.append(f"{name}\0errno {exc.errno}")
+        return lines
+
+    step = max(1, -(-len(names) // max(1, workers)))  # one chunk per thread: little overhead
+    chunks = [names[i:i + step] for i in range(0, len(names), step)]
+    digest = hashlib.sha256()
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(chunks)))) as pool:
+        for lines in pool.map(stats, chunks):
+            digest.update("\n".join(lines).encode("utf-8", "surrogateescape") + b"\n")
+    return digest.hexdigest()
+
+
 def cache_key(dataset: str, root: Path, index: SourceHashIndex, box_rule: str = "exact") -> str:
-    """Hash of the format version, every existing source file's relative path and content and,
-    for PRW read with a non-default ``box_rule``, the rule (so a ``seqnet`` entry is never
-    served for ``exact`` or the other way round; ``exact`` keys are those of before the rule)."""
+    """Hash of the format version, every existing source file's relative path and content,
+    the image folder's stats (:func:`image_folder_digest`) and, for PRW read with a non-default
+    ``box_rule``, the rule (so a ``seqnet`` entry is never served for ``exact`` or the other
+    way round)."""
     base = os.path.abspath(root)
     sources = []
     for rel in source_files(dataset, root):
         digest = index.sha256(os.path.join(base, rel))
         if digest is not None:
             sources.append([rel, digest])
-    key: dict[str, Any] = {"format": FORMAT_VERSION, "dataset": dataset, "sources": sources}
+    key: dict[str, Any] = {"format": FORMAT_VERSION, "dataset": dataset, "sources": sources,
+                           "images": image_folder_digest(os.path.join(base,
+                                                                      image_folder(dataset)))}
     if dataset == "prw" and box_rule != "exact":
         key["box_rule"] = box_rule
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
@@ -163,7 +250,12 @@ def load_annotations(dataset: str, root: str | Path, *, cache_dir: str | Path | 
         return _parse(dataset, root, box_rule)
 
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(root)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    if not _writable_dir(cache_dir):
+        cache_dir = _fallback_dir(root, f"{cache_dir} is not a writable folder")
+        if not _writable_dir(cache_dir):
+            log.warning("no writable annotation cache (%s): parsing %s without one", cache_dir,
+                        root)
+            return _parse(dataset, root, box_rule)
     index = SourceHashIndex(cache_dir / HASH_INDEX_FILE)
     key = cache_key(dataset, root, index, box_rule)
     index.save()
@@ -179,7 +271,11 @@ def load_annotations(dataset: str, root: str | Path, *, cache_dir: str | Path | 
         log.info("parsing %s annotations under %s (cached afterwards in %s)", dataset, root,
                  entry)
         annotations = _parse(dataset, root, box_rule)
-        write_entry(annotations, entry, key, box_rule if dataset == "prw" else "exact")
+        try:
+            write_entry(annotations, entry, key, box_rule if dataset == "prw" else "exact")
+        except OSError as exc:  # disk full, a cache made read-only meanwhile: not worth a run
+            log.warning("could not cache the annotations in %s (%s); parsed again next time",
+                        entry, exc)
     return annotations
 
 

@@ -39,7 +39,7 @@ from .matlab import (
     struct_records,
 )
 from .image_sizes import read_image_sizes
-from .report import SYNTHETIC_SIZES_FILE, ValidationReport
+from .report import SYNTHETIC_SIZES_FILE, ValidationReport, reading
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,18 @@ def source_files(root: Path) -> list[str]:
     the content of those present)."""
     protocols = [f"{PROTOCOL_DIR}/{f.name}" for f in protocol_files(root)]
     return [IMAGES_MAT, POOL_MAT, TRAIN_MAT, *protocols, SYNTHETIC_SIZES_FILE]
+
+
+def query_list_file(root: Path) -> Path | None:
+    """The protocol file whose query list the annotations hold (as :func:`_read_protocols`
+    picks it): ``TestG50.mat`` when present, else the smallest protocol."""
+    files = _query_list_first(protocol_files(root))
+    return files[0] if files else None
+
+
+def _query_list_first(files: list[Path]) -> list[Path]:
+    """TestG50 defines the query list when present, else the smallest protocol."""
+    return sorted(files, key=lambda f: (f.stem != "TestG50", int(f.stem[5:])))
 
 
 @dataclass
@@ -139,9 +151,13 @@ def _read_images(root: Path, report: ValidationReport) -> tuple[list[str], list[
     """``Img``: every image's name and its raw ``[x y w h]`` boxes (duplicates: first kept)."""
     path = root / IMAGES_MAT
     log.info("reading %s", path)
-    mat = load_mat(path)
+    with reading(path):
+        mat = load_mat(path)
     _warn_unexpected_variables(report, path, mat, {"Img"})
     records = struct_records(get_variable(mat, "Img", path), path, "Img")
+    if len(records) == 0:
+        report.add("error", path, "Img", "no images listed (an empty Img struct array)",
+                   fatal=True)
     imnames = struct_field(records, "imname", path, "Img")
     box_structs = struct_field(records, "box", path, "Img")
     n_appear = records["nAppear"] if "nAppear" in (records.dtype.names or ()) else None
@@ -167,6 +183,10 @@ def _read_images(root: Path, report: ValidationReport) -> tuple[list[str], list[
                 report.add("error", path, f"{where}.box({j + 1}).idlocate",
                            f"box should be [x y w h], got {vector.size} numbers (box dropped)")
                 valid[j] = False
+            elif not np.isfinite(vector).all():  # NaN/inf would reach roi_align
+                report.add("error", path, f"{where}.box({j + 1}).idlocate",
+                           f"non-finite box value in {vector.tolist()} (box dropped)")
+                valid[j] = False
             else:
                 raw[j] = vector
         if n_appear is not None and np.size(n_appear[i]) == 1 and int(n_appear[i]) != len(raw):
@@ -180,7 +200,8 @@ def _read_images(root: Path, report: ValidationReport) -> tuple[list[str], list[
 def _read_pool(root: Path, report: ValidationReport, names: list[str]) -> np.ndarray:
     """Whether each image is a test (gallery pool) image; training = all images − pool."""
     path = root / POOL_MAT
-    mat = load_mat(path)
+    with reading(path):
+        mat = load_mat(path)
     _warn_unexpected_variables(report, path, mat, {"pool"})
     pool = cell_strings(get_variable(mat, "pool", path), path, "pool")
     row_of = {name: i for i, name in enumerate(names)}
@@ -234,7 +255,8 @@ def _assign_train_ids(root: Path, report: ValidationReport, scenes: _Scenes) -> 
     """Label each ``Train`` identity's boxes 0..K-1 in file order; returns K."""
     path = root / TRAIN_MAT
     log.info("reading %s", path)
-    mat = load_mat(path)
+    with reading(path):
+        mat = load_mat(path)
     _warn_unexpected_variables(report, path, mat, {"Train"})
     identities = _identity_items(get_variable(mat, "Train", path), path)
     next_id = 0
@@ -262,6 +284,10 @@ def _assign_train_ids(root: Path, report: ValidationReport, scenes: _Scenes) -> 
             if box.size != 4:
                 report.add("warning", path, at, f"{idname}: idlocate should be [x y w h], got "
                                                 f"{box.size} numbers (sighting ignored)")
+                continue
+            if not np.isfinite(box).all():
+                report.add("warning", path, at, f"{idname}: non-finite idlocate {box.tolist()} "
+                                                "(sighting ignored)")
                 continue
             b = scenes.find_box(row, box)
             if b < 0:
@@ -301,11 +327,10 @@ def _read_protocols(root: Path, report: ValidationReport,
         raise DatasetError(root / PROTOCOL_DIR, "no TestG<size>.mat protocol file found")
     galleries: dict[int, GalleryProtocol] = {}
     reference: _Protocol | None = None
-    # TestG50 defines the query list when present, else the smallest protocol.
-    files.sort(key=lambda f: (f.stem != "TestG50", int(f.stem[5:])))
-    for file in files:
+    for file in _query_list_first(files):
         log.info("reading %s", file)
-        protocol = _read_protocol(file, report, scenes)
+        with reading(file):  # a folder or a symlink loop named TestG<size>.mat, ...
+            protocol = _read_protocol(file, report, scenes)
         if reference is None:
             reference = protocol
         else:
@@ -404,6 +429,8 @@ def _read_query(file: Path, where: str, query: Any,
     if box.size != 4:
         raise DatasetError(file, f"{where}.idlocate: expected [x y w h], got {box.size} "
                                  "numbers")
+    if not np.isfinite(box).all():  # a query cannot be dropped: the protocols share the list
+        raise DatasetError(file, f"{where}.idlocate: non-finite box value in {box.tolist()}")
     row = row_of.get(name)
     if row is None:
         raise DatasetError(file, f"{where}.imname: image {name!r} is not in {IMAGES_MAT}")
@@ -434,6 +461,10 @@ def _read_gallery(file: Path, where: str, gallery: Any, size: int, row_of: dict[
             report.add("error", file, f"{where}({g + 1})", f"idlocate should be [x y w h] or "
                                                            f"empty, got {box.size} numbers "
                                                            "(positive ignored)")
+            continue
+        if not np.isfinite(box).all():
+            report.add("error", file, f"{where}({g + 1})", f"non-finite idlocate value in "
+                                                           f"{box.tolist()} (positive ignored)")
             continue
         positives.append((g, box))
     return rows, positives

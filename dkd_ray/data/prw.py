@@ -34,7 +34,7 @@ from .annotations import (
 )
 from .matlab import DatasetError, as_matrix, cell_strings, get_variable, load_mat
 from .image_sizes import read_image_sizes
-from .report import SYNTHETIC_SIZES_FILE, ValidationReport
+from .report import SYNTHETIC_SIZES_FILE, ValidationReport, path_problem, reading
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,8 @@ def _read_frame_lists(root: Path, report: ValidationReport) -> tuple[list[str], 
     split_of: dict[str, str] = {}
     for split, file_name, variable in FRAME_LISTS:
         path = root / file_name
-        mat = load_mat(path)
+        with reading(path):
+            mat = load_mat(path)
         for unexpected in sorted(set(mat) - {variable}):
             report.add("warning", path, "", f"unexpected variable {unexpected!r} (ignored)")
         for k, stem in enumerate(cell_strings(get_variable(mat, variable, path), path, variable)):
@@ -127,6 +128,10 @@ def _read_frame_lists(root: Path, report: ValidationReport) -> tuple[list[str], 
             split_of[name] = split
             names.append(name)
             splits.append(split)
+    if not names:
+        report.add("error", root / FRAME_LISTS[0][1], FRAME_LISTS[0][2],
+                   f"no frames listed (neither {FRAME_LISTS[0][1]} nor {FRAME_LISTS[1][1]} "
+                   "lists one)", fatal=True)
     return names, splits
 
 
@@ -144,8 +149,15 @@ def _read_boxes(root: Path, report: ValidationReport, names: list[str], widths: 
                 heights: np.ndarray, is_train_frame: np.ndarray, box_rule: str) -> _Boxes:
     """Read every frame's annotation file, then convert, clip and check all boxes at once."""
     log.info("reading %d annotation files under %s", len(names), root / ANNOTATION_DIR)
-    matrices, keys = zip(*(_read_frame(root, report, name) for name in names)) if names \
-        else ((), ())
+    folder = path_problem(root / ANNOTATION_DIR, folder=True) if names else None
+    if folder is not None:  # one error, not one per frame
+        report.add("error", folder[0], "", f"{folder[1]} (it should hold the {len(names)} "
+                                           "frames' <frame>.jpg.mat files)", fatal=True)
+        names_to_read: list[str] = []
+    else:
+        names_to_read = names
+    matrices, keys = zip(*(_read_frame(root, report, name) for name in names_to_read)) \
+        if names_to_read else ((np.zeros((0, 5)),) * len(names), ("",) * len(names))
     counts = np.array([len(m) for m in matrices], dtype=np.int64)
     rows = np.concatenate(matrices) if matrices else np.zeros((0, 5))
     frame_of_row = np.repeat(np.arange(len(names)), counts)
@@ -156,6 +168,14 @@ def _read_boxes(root: Path, report: ValidationReport, names: list[str], widths: 
         return (root / ANNOTATION_DIR / f"{names[frame]}.mat",
                 f"{keys[frame]} row {row_in_frame[b] + 1}")
 
+    # Non-finite coordinates would reach roi_align (NaN boxes crash it): dropped here, before
+    # either box rule sees them. ``where`` reads the filtered arrays from here on.
+    finite = np.isfinite(rows[:, 1:5]).all(axis=1)
+    for b in np.flatnonzero(~finite):
+        report.add("error", *where(b), f"non-finite box value in {rows[b, 1:5].tolist()} "
+                                       "(box dropped)")
+    if not finite.all():
+        rows, frame_of_row, row_in_frame = rows[finite], frame_of_row[finite], row_in_frame[finite]
     pids = _read_pids(rows[:, 0], report, where)
     raw = rows[:, 1:5]
     if box_rule == "seqnet":
@@ -230,9 +250,10 @@ def _read_frame(root: Path, report: ValidationReport, name: str) -> tuple[np.nda
     path = root / ANNOTATION_DIR / f"{name}.mat"
     empty = (np.zeros((0, 5)), "")
     try:
-        mat = load_mat(path)
+        with reading(path):
+            mat = load_mat(path)
     except DatasetError as exc:
-        report.add("error", path, "", exc.message, fatal=True)
+        report.add("error", exc.file, "", exc.message, fatal=True)
         return empty
     key = next((k for k in BOX_KEYS if k in mat), None)
     if key is None:
@@ -255,7 +276,7 @@ def _read_pids(raw_pids: np.ndarray, report: ValidationReport,
     """PRW's ids as int32: -2 (unlabelled) -> -1; anything that is not an id is reported."""
     pids = np.where(raw_pids == UNLABELLED_PID, -1, raw_pids)
     with np.errstate(invalid="ignore"):
-        bad = ((pids < 0) & (pids != -1)) | (pids != np.round(pids))
+        bad = ((pids < 0) & (pids != -1)) | (pids != np.round(pids)) | ~np.isfinite(pids)
     for b in np.flatnonzero(bad):
         report.add("warning", *where(b), f"person id {raw_pids[b]:g} is not an id or -2 (read "
                                          "as unlabelled)")
@@ -277,11 +298,12 @@ def _read_queries(root: Path, report: ValidationReport, images: ImageTable,
                   raw_boxes: np.ndarray, box_rule: str = "exact") -> QueryTable:
     """``query_info.txt``: "pid x y w h frame" a line; each box is matched to its frame's boxes."""
     path = root / QUERY_FILE
-    if not path.is_file():
-        raise DatasetError(path, "file not found")
+    problem = path_problem(path)
+    if problem is not None:
+        raise DatasetError(*problem)
     row_of = {name: i for i, name in enumerate(images.name)}
     rows, boxes, query_pids = [], [], []
-    with open(path, encoding="utf-8", errors="replace") as lines:
+    with reading(path), open(path, encoding="utf-8", errors="replace") as lines:
         for line_number, line in enumerate(lines, start=1):
             fields = line.split()
             if not fields:
@@ -290,12 +312,16 @@ def _read_queries(root: Path, report: ValidationReport, images: ImageTable,
             try:
                 if len(fields) != 6:
                     raise ValueError(f"{len(fields)} fields")
-                pid = int(float(fields[0]))
-                xywh = np.array([float(v) for v in fields[1:5]])
+                values = np.array([float(v) for v in fields[:5]])
             except ValueError as exc:
                 report.add("error", path, where, f"expected 'pid x y w h frame', got "
                                                  f"{line.strip()!r} ({exc})", fatal=True)
                 continue
+            if not np.isfinite(values).all():  # a NaN query box crashes roi_align in training
+                report.add("error", path, where, f"non-finite value in {line.strip()!r} "
+                                                 "(query refused)", fatal=True)
+                continue
+            pid, xywh = int(values[0]), values[1:5]
             name = fields[5] if fields[5].lower().endswith(".jpg") else f"{fields[5]}.jpg"
             row = row_of.get(name)
             if row is None:

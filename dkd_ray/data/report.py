@@ -4,10 +4,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .matlab import DatasetError
 
@@ -87,5 +91,77 @@ class ValidationReport:
     def _relative(self, file: str | Path) -> str:
         try:
             return str(Path(file).resolve().relative_to(Path(self.root).resolve()))
-        except (ValueError, OSError):
+        except (ValueError, OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
+            pass
+        try:  # the path as written, when resolving it failed
+            return str(Path(os.path.abspath(file)).relative_to(os.path.abspath(self.root)))
+        except ValueError:
             return str(file)
+
+
+# --- What is wrong with a path (folder shapes, links, permissions) --------------------------------
+
+def path_problem(path: str | Path, *, folder: bool = False) -> tuple[Path, str] | None:
+    """Why ``path`` cannot be read as a file (``folder``: listed as a folder): the path to blame
+    (``path`` or the parent that is a file) and what is wrong, or None when it looks readable.
+    Never raises; stat and access calls only, so it is cheap enough to run after any failure."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return path, "a symbolic link to a missing file"
+        return path, "folder not found" if folder else "file not found"
+    except NotADirectoryError:
+        for parent in path.parents:
+            try:
+                if not stat.S_ISDIR(os.stat(parent).st_mode):
+                    return parent, "a file where a folder should be"
+            except OSError:
+                continue
+        return path, "a file stands where one of its folders should be"
+    except OSError as exc:
+        return path, describe_os_error(exc)
+    if folder:
+        if not stat.S_ISDIR(mode):
+            return path, "a file where a folder should be"
+        if not os.access(path, os.R_OK | os.X_OK):
+            return path, "permission denied (the folder cannot be listed)"
+        return None
+    if stat.S_ISDIR(mode):
+        return path, "a folder where a file should be"
+    if not stat.S_ISREG(mode):
+        return path, "not a regular file (a pipe, socket or device)"
+    if not os.access(path, os.R_OK):
+        return path, "permission denied"
+    return None
+
+
+def describe_os_error(exc: OSError) -> str:
+    """An OSError met while reading a dataset path, in the words of :func:`path_problem`."""
+    reasons = {
+        errno.ELOOP: "a symbolic link loop",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.EISDIR: "a folder where a file should be",
+        errno.ENOTDIR: "a file where a folder should be (in its path)",
+        errno.ENOENT: "file not found",
+    }
+    return reasons.get(exc.errno) or f"cannot be read: {type(exc).__name__}: {exc}"
+
+
+@contextlib.contextmanager
+def reading(path: str | Path, *, folder: bool = False) -> Iterator[None]:
+    """Around a reader's read of ``path``: a :class:`DatasetError` that is really about the path
+    (a folder where the file should be, a file where its folder should be, a symlink loop,
+    permission denied) is raised again with that reason; OSErrors become DatasetErrors."""
+    try:
+        yield
+    except DatasetError as exc:
+        problem = path_problem(path, folder=folder)
+        if problem is None:
+            raise
+        raise DatasetError(*problem) from exc
+    except OSError as exc:
+        blame, reason = path_problem(path, folder=folder) or (path, describe_os_error(exc))
+        raise DatasetError(blame, reason) from exc
