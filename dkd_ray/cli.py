@@ -122,6 +122,31 @@ def run_name(args: argparse.Namespace, job: str) -> str:
     return args.resume or args.run_name or f"{job}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def storage_of(args: argparse.Namespace) -> str:
+    """``--storage-path`` as the workers need it: absolute, or an object-store URI as given."""
+    return args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
+
+
+def claim_run_name(args: argparse.Namespace, storage: str, name: str) -> None:
+    """Refuse a run name already in use on this storage unless the user asked to continue it:
+    two jobs in one run folder would overwrite each other's checkpoints, and a restart of either
+    would resume from the other's weights. ``--resume`` needs the run to exist."""
+    from dkd_ray.tracking.run_record import live_driver
+
+    if "://" in storage:  # object storage: Ray Train resumes by name; listing it is not cheap here
+        return
+    folder = Path(storage) / name
+    live = live_driver(storage, name)
+    if live is not None:
+        fail(f"run {name!r} in {storage} is being trained right now by pid {live.get('pid')} on {live.get('host')}; "
+             "wait for it or pick another --run-name")
+    if getattr(args, "resume", "") and not folder.is_dir():
+        fail(f"--resume {name}: there is no run {name!r} in {storage} to continue")
+    if not getattr(args, "resume", "") and folder.exists():
+        fail(f"run name {name!r} is already used in {storage} ({folder}); continue that run with --resume {name}, "
+             "or pick another --run-name")
+
+
 def prepare_driver(args: argparse.Namespace, cfg: Config, *, check_data: bool = True) -> tuple[Path, str]:
     """Logging, MLflow location and pipeline id for the workers, the dataset folder (checked
     that it can train, unless ``check_data`` is False), then Ray. Returns ``(data_root, storage_path)``."""
@@ -134,10 +159,29 @@ def prepare_driver(args: argparse.Namespace, cfg: Config, *, check_data: bool = 
     os.environ.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri())
     os.environ.setdefault(tracking.PIPELINE_ENV, tracking.new_pipeline_id())
     storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
+    _stop_cleanly_on_sigterm()
     data_root = resolve_data_root(cfg, storage if "://" not in storage else "data")
     if check_data:  # bad data fails here in seconds, not in a worker after Ray started
         check_trainable(cfg, data_root)
     init_ray()
+    if "://" not in storage:  # runs whose driver died (SIGKILL, lost node) are marked KILLED, not left RUNNING
+        from dkd_ray.tracking.run_record import reap_lost_drivers
+
+        reap_lost_drivers(storage, os.environ["MLFLOW_TRACKING_URI"])
     logging.getLogger("dkd_ray").info("MLflow tracking: %s (pipeline %s)", tracking.redact_uri(
         os.environ["MLFLOW_TRACKING_URI"]), os.environ[tracking.PIPELINE_ENV])
     return data_root, storage
+
+
+def _stop_cleanly_on_sigterm() -> None:
+    """``ray job stop`` and schedulers send SIGTERM: raise it as KeyboardInterrupt, so the stage
+    ends its MLflow run KILLED (and the run folder says so) instead of dying silently."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,14 +62,43 @@ def worker_teacher_ref(ref: str) -> str:
     return str(local.resolve()) if local is not None and local.exists() else ref
 
 
-def _tracker(cfg: Config, job: str, experiment: str, run_name: str, parent_run_id: str | None = None):
-    from dkd_ray.tracking import Tracker
+def _tracker(cfg: Config, job: str, experiment: str, run_name: str, storage_path, parent_run_id: str | None = None):
+    """The stage's MLflow run: the one recorded in the run folder when the job continues a run
+    (``--resume`` after a lost driver: one run, not two), else a new one; recorded there now."""
+    import os
 
+    from dkd_ray.tracking import PIPELINE_ENV, Tracker
+    from dkd_ray.tracking.run_record import claim, read_record
+
+    record = read_record(storage_path, run_name) or {}
     tracker = Tracker(cfg.data.dataset, job, experiment=experiment, run_name=run_name,
-                      tags={"preset": cfg.preset}, parent_run_id=parent_run_id)
+                      run_id=record.get("run_id") or None, pipeline_id=record.get("pipeline_id"),
+                      tags={"preset": cfg.preset}, parent_run_id=parent_run_id, owns_run=True)
     tracker.start()
+    if record.get("run_id"):
+        log.info("%s: continuing MLflow run %s (recorded in the run folder)", run_name, record["run_id"])
     tracker.log_config(cfg)
+    claim(storage_path, run_name, run_id=tracker.run_id, uri=tracker.uri, experiment=tracker.experiment,
+          pipeline_id=record.get("pipeline_id") or os.environ.get(PIPELINE_ENV))
     return tracker
+
+
+@contextmanager
+def _closing(tracker, storage_path, run_name: str):
+    """End the stage's MLflow run with the stage: FINISHED, or FAILED/KILLED with the reason
+    (a failed run must never look like one still running, nor be registered)."""
+    from dkd_ray.tracking.run_record import write_record
+
+    try:
+        yield tracker
+    except BaseException as error:
+        status = "KILLED" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "FAILED"
+        tracker.set_tags({"failure": f"{type(error).__name__}: {error}"[:4000]})
+        tracker.end(status)
+        write_record(storage_path, run_name, state=status.lower())
+        raise
+    tracker.end()
+    write_record(storage_path, run_name, state="finished")
 
 
 def _mlflow_settings(tracker, cfg: Config, job: str) -> dict[str, Any]:
@@ -77,16 +107,9 @@ def _mlflow_settings(tracker, cfg: Config, job: str) -> dict[str, Any]:
 
 
 def _fit_or_fail(tracker, loop, loop_config: dict[str, Any], cfg: Config, run_name: str, storage_path):
-    """``fit`` a training loop; if it fails, its MLflow run is marked FAILED with the reason (a
-    failed run must never look like one still running, nor be registered)."""
     from dkd_ray.train.runner import fit
 
-    try:
-        return fit(loop, loop_config, cfg, name=run_name, storage_path=storage_path)
-    except BaseException as error:
-        tracker.set_tags({"failure": f"{type(error).__name__}: {error}"[:4000]})
-        tracker.end("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
-        raise
+    return fit(loop, loop_config, cfg, name=run_name, storage_path=storage_path)
 
 
 def train_teacher_stage(cfg: Config, data_root: Path, *, storage_path: str | Path, experiment: str,
@@ -95,19 +118,19 @@ def train_teacher_stage(cfg: Config, data_root: Path, *, storage_path: str | Pat
     ``register`` is False) register it."""
     from dkd_ray.train.teacher_loop import train_teacher
 
-    tracker = _tracker(cfg, "train_teacher", experiment, run_name, parent_run_id)
-    loop_config = {"config": cfg.to_dict(), "data_root": str(data_root), "run_name": run_name,
-                   "mlflow": _mlflow_settings(tracker, cfg, "train_teacher")}
-    result = _fit_or_fail(tracker, train_teacher, loop_config, cfg, run_name, storage_path)
-    checkpoint = _checkpoint_dir(result)
-    metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    stage = StageResult("teacher", checkpoint, metrics, run_id=tracker.run_id)
-    tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith(("teacher_gt/", "val/"))})
-    tracker.set_tags({"checkpoint": str(checkpoint), "knowledge_bank": str(stage.bank_path)})
-    if register:
-        log_teacher_model(stage, cfg, tracker, {k.removeprefix("teacher_gt/"): v for k, v in metrics.items()},
-                          bank_path=stage.bank_path)
-    tracker.end()
+    tracker = _tracker(cfg, "train_teacher", experiment, run_name, storage_path, parent_run_id)
+    with _closing(tracker, storage_path, run_name):
+        loop_config = {"config": cfg.to_dict(), "data_root": str(data_root), "run_name": run_name,
+                       "mlflow": _mlflow_settings(tracker, cfg, "train_teacher")}
+        result = _fit_or_fail(tracker, train_teacher, loop_config, cfg, run_name, storage_path)
+        checkpoint = _checkpoint_dir(result)
+        metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+        stage = StageResult("teacher", checkpoint, metrics, run_id=tracker.run_id)
+        tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith(("teacher_gt/", "val/"))})
+        tracker.set_tags({"checkpoint": str(checkpoint), "knowledge_bank": str(stage.bank_path)})
+        if register:
+            log_teacher_model(stage, cfg, tracker, {k.removeprefix("teacher_gt/"): v for k, v in metrics.items()},
+                              bank_path=stage.bank_path)
     return stage
 
 
@@ -165,24 +188,24 @@ def train_student_stage(cfg: Config, data_root: Path, *, teacher_ref: str, bank_
     from dkd_ray.train.evaluation import EvaluationArrays
     from dkd_ray.train.student_loop import train_student
 
-    tracker = _tracker(cfg, "train_student", experiment, run_name)
-    tracker.set_tags({"teacher": teacher_ref})
-    loop_config = {"config": cfg.to_dict(), "data_root": str(data_root), "teacher_ref": worker_teacher_ref(teacher_ref),
-                   "bank_path": str(bank_path) if bank_path else "", "run_name": run_name,
-                   "mlflow": _mlflow_settings(tracker, cfg, "train_student")}
-    result = _fit_or_fail(tracker, train_student, loop_config, cfg, run_name, storage_path)
-    checkpoint = _checkpoint_dir(result)
-    stage = StageResult("student", checkpoint, {}, run_id=tracker.run_id)
-    tracker.set_tags({"checkpoint": str(checkpoint)})
+    tracker = _tracker(cfg, "train_student", experiment, run_name, storage_path)
+    with _closing(tracker, storage_path, run_name):
+        tracker.set_tags({"teacher": teacher_ref})
+        loop_config = {"config": cfg.to_dict(), "data_root": str(data_root),
+                       "teacher_ref": worker_teacher_ref(teacher_ref), "bank_path": str(bank_path) if bank_path else "",
+                       "run_name": run_name, "mlflow": _mlflow_settings(tracker, cfg, "train_student")}
+        result = _fit_or_fail(tracker, train_student, loop_config, cfg, run_name, storage_path)
+        checkpoint = _checkpoint_dir(result)
+        stage = StageResult("student", checkpoint, {}, run_id=tracker.run_id)
+        tracker.set_tags({"checkpoint": str(checkpoint)})
 
-    annotations = load_annotations(_layout(cfg), data_root, box_rule=cfg.data.box_rule)
-    if cfg.data.validation_fraction > 0:  # the run was evaluated on its validation view
-        from dkd_ray.data.splits import validation_split
+        annotations = load_annotations(_layout(cfg), data_root, box_rule=cfg.data.box_rule)
+        if cfg.data.validation_fraction > 0:  # the run was evaluated on its validation view
+            from dkd_ray.data.splits import validation_split
 
-        annotations = validation_split(annotations, cfg.data.validation_fraction, cfg.train.seed)[1]
-    report_student(stage, cfg, annotations, EvaluationArrays.load(checkpoint / "evaluation"), teacher_ref,
-                   tracker, output_dir)
-    tracker.end()
+            annotations = validation_split(annotations, cfg.data.validation_fraction, cfg.train.seed)[1]
+        report_student(stage, cfg, annotations, EvaluationArrays.load(checkpoint / "evaluation"), teacher_ref,
+                       tracker, output_dir)
     return stage
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dkd_ray.cli import (add_common_args, add_run_name_args, config_from_args, exits_on_bad_input, experiment_name,
-                         fail, prepare_driver, run_name)
+from dkd_ray.cli import (add_common_args, add_run_name_args, claim_run_name, config_from_args, exits_on_bad_input,
+                         experiment_name, fail, prepare_driver, run_name, storage_of)
 
 log = logging.getLogger("dkd_ray.jobs.train_student")
 
@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         check_model_ref(args.teacher, "teacher")
     if args.knowledge_bank and not Path(args.knowledge_bank).exists():
         fail(f"--knowledge-bank {args.knowledge_bank}: no such file or folder")
-    data_root, storage = prepare_driver(args, cfg)
     name = run_name(args, "student")
+    claim_run_name(args, storage_of(args), name)  # before Ray: a name in use is refused at once
+    data_root, storage = prepare_driver(args, cfg)
     teacher_ref, bank = resolve_teacher(args, cfg, data_root, storage, name)
     if args.knowledge_bank:
         bank = Path(args.knowledge_bank)

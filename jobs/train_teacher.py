@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from dkd_ray.cli import add_common_args, add_run_name_args, config_from_args, exits_on_bad_input, experiment_name, prepare_driver, run_name
+from dkd_ray.cli import (add_common_args, add_run_name_args, claim_run_name, config_from_args, exits_on_bad_input,
+                         experiment_name, prepare_driver, run_name, storage_of)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -36,9 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     from dkd_ray.eval.results import format_metrics_table
     from dkd_ray.stages import train_teacher_stage
 
+    name = run_name(args, "teacher")
+    claim_run_name(args, storage_of(args), name)  # before Ray: a name in use is refused at once
     data_root, storage = prepare_driver(args, cfg)
     stage = train_teacher_stage(cfg, data_root, storage_path=storage, experiment=experiment_name(args, cfg),
-                                run_name=run_name(args, "teacher"))
+                                run_name=name)
     print(format_metrics_table({k: v for k, v in stage.metrics.items() if k.startswith("teacher_gt/")}))
     print(f"teacher checkpoint: {stage.checkpoint}\nknowledge bank:     {stage.bank_path}")
     print(f"MLflow run: {stage.run_id}  model: {stage.model_uri}  registered version: {stage.registered_version}")

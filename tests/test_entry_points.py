@@ -99,3 +99,42 @@ def test_a_dataset_too_small_for_the_teacher_batch_is_refused_naming_the_file(ti
                      "teacher.p_identities=500", "--storage-path", str(tmp_path / "runs"), cwd=tmp_path)
     assert_one_line_refusal(result, "Train.mat", "training identities")
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_run_name_in_use_is_refused_unless_resumed(tmp_path):
+    storage = tmp_path / "runs"
+    (storage / "teacher-a").mkdir(parents=True)
+    taken = run_job("train_teacher.py", "--run-name", "teacher-a", "--storage-path", str(storage), cwd=tmp_path)
+    assert_one_line_refusal(taken, "'teacher-a'", "--resume teacher-a")
+    missing = run_job("train_teacher.py", "--resume", "teacher-b", "--storage-path", str(storage), cwd=tmp_path)
+    assert_one_line_refusal(missing, "no run 'teacher-b'")
+
+    from dkd_ray.tracking.run_record import claim
+
+    claim(storage, "teacher-a", run_id="r" * 32, uri="sqlite:///x.db", experiment="e", pipeline_id="p")
+    live = run_job("train_teacher.py", "--resume", "teacher-a", "--storage-path", str(storage), cwd=tmp_path)
+    assert_one_line_refusal(live, "'teacher-a'", f"pid {os.getpid()}")  # this test process holds it
+    assert sorted(p.name for p in storage.iterdir()) == ["teacher-a"]
+
+
+def test_a_run_whose_driver_died_is_marked_killed_at_the_next_start(tmp_path):
+    from mlflow import MlflowClient
+
+    from dkd_ray.tracking.run_record import claim, read_record, reap_lost_drivers
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("e"), run_name="student-x")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    storage = tmp_path / "runs"
+    claim(storage, "student-x", run_id=run.info.run_id, uri=uri, experiment="e", pipeline_id="p")
+    record = read_record(storage, "student-x")
+    record["pid"] = int(dead.stdout)  # the driver that was SIGKILLed
+    (storage / "student-x" / "mlflow_run.json").write_text(__import__("json").dumps(record))
+    claim(storage, "student-live", run_id=client.create_run(run.info.experiment_id).info.run_id, uri=uri,
+          experiment="e", pipeline_id="p")  # this process: alive, left alone
+    assert reap_lost_drivers(storage, uri) == ["student-x"]
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+    assert "driver lost" in client.get_run(run.info.run_id).data.tags["failure"]
+    assert read_record(storage, "student-x")["state"] == "killed"
+    assert reap_lost_drivers(storage, uri) == []  # once

@@ -121,3 +121,12 @@ def test_a_failed_job_continues_with_resume_from_its_last_checkpoint(tiny_cuhk, 
     lineage = _lineage(trace)
     assert [i for i, _ in lineage] == [1, 2, 3, 3, 4], lineage
     assert lineage[2] == lineage[3]  # iteration 3 again, on the same batch
+
+    # One MLflow run for the run folder: the failed job left it FAILED, the resumed one continued it.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("dkd-ray/synthetic")
+    runs = client.search_runs([experiment.experiment_id], "attributes.run_name = 'student-under-test'")
+    assert [r.info.status for r in runs] == ["FINISHED"], [(r.info.run_id, r.info.status) for r in runs]
+    assert "failure" in runs[0].data.tags  # what ended the first job stays on record
