@@ -73,7 +73,8 @@ def _tracker(cfg: Config, job: str, experiment: str, run_name: str, storage_path
     record = read_record(storage_path, run_name) or {}
     tracker = Tracker(cfg.data.dataset, job, experiment=experiment, run_name=run_name,
                       run_id=record.get("run_id") or None, pipeline_id=record.get("pipeline_id"),
-                      tags={"preset": cfg.preset}, parent_run_id=parent_run_id, owns_run=True)
+                      tags={"preset": cfg.preset}, parent_run_id=parent_run_id, owns_run=True,
+                      checkpoint_dir=None if "://" in str(storage_path) else str(Path(storage_path) / run_name))
     tracker.start()
     if record.get("run_id"):
         log.info("%s: continuing MLflow run %s (recorded in the run folder)", run_name, record["run_id"])
@@ -97,7 +98,7 @@ def _closing(tracker, storage_path, run_name: str):
         tracker.end(status)
         write_record(storage_path, run_name, state=status.lower())
         raise
-    tracker.end()
+    tracker.close()  # sends what is pending; what cannot be sent is spooled beside the checkpoints
     write_record(storage_path, run_name, state="finished")
 
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import socket
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -17,7 +23,11 @@ from dkd_ray import tracking
 from dkd_ray.config import preset
 from dkd_ray.tracking import ModelNotFoundError, Tracker, load_model
 from dkd_ray.train.checkpoint import TrainingState, save_checkpoint
+from dkd_ray.train.session import LocalSession
+from dkd_ray.train.tracking_hooks import epoch_tracker
 from tests.harness import TcpProxy, closed_port_uri, mlflow_server
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
@@ -235,26 +245,30 @@ def test_disabled_tracker_does_nothing(server, example):
 
 def _warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records
-            if r.name.startswith("dkd_ray.tracking") and r.levelno == logging.WARNING and "unreachable" in r.getMessage()]
+            if r.name.startswith("dkd_ray.tracking") and r.levelno == logging.WARNING and " unreachable (" in r.getMessage()]  # not a tmp_path's name
 
 
-def test_unreachable_server_warns_once_and_backs_off(caplog, example):
+def test_unreachable_server_warns_once_and_backs_off(caplog, example, tmp_path):
     uri = closed_port_uri()
     caplog.set_level(logging.WARNING, logger="dkd_ray.tracking")
-    tracker = Tracker("synthetic", "teacher", uri=uri, checkpoint_dir="/ckpt/here", retry_after_s=3600)
+    checkpoints = tmp_path / "ckpt-here"
+    checkpoints.mkdir()
+    tracker = Tracker("synthetic", "teacher", uri=uri, checkpoint_dir=str(checkpoints), retry_after_s=3600)
     assert tracker.start() is None
     tracker.log_config(preset("cpu-small"))
     for step in range(50):
         tracker.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
     assert tracker.log_model(TinyNet(), "teacher", example) is None
-    tracker.end()
+    assert tracker.pending()["metrics"] == 50  # kept for when the server comes back
+    spool = tracker.end()  # one last attempt, then everything goes to the spool
     warnings = _warnings(caplog)
     assert len(warnings) == 1
-    assert uri in warnings[0] and "training continues" in warnings[0] and "/ckpt/here" in warnings[0]
-    assert len(tracker._pending_metrics) == 50  # kept for when the server comes back
+    assert uri in warnings[0] and "training continues" in warnings[0] and str(checkpoints) in warnings[0]
+    assert spool == checkpoints / tracking.SPOOL_NAME
+    assert len(_spooled_metrics(spool)) == 50
 
 
-def test_back_off_makes_no_network_attempts(caplog):
+def test_back_off_makes_no_network_attempts(caplog, tmp_path):
     """A listener that drops every connection: counts how often the tracker tries."""
     attempts = []
     listener = socket.socket()
@@ -276,7 +290,7 @@ def test_back_off_makes_no_network_attempts(caplog):
     thread.start()
     try:
         tracker = Tracker("synthetic", "teacher", uri=f"http://127.0.0.1:{listener.getsockname()[1]}",
-                          retry_after_s=3600)
+                          retry_after_s=3600, checkpoint_dir=str(tmp_path))
         tracker.log_metrics({"loss": 1.0}, step=0)
         first = len(attempts)
         for step in range(1, 30):
@@ -285,6 +299,7 @@ def test_back_off_makes_no_network_attempts(caplog):
         assert 1 <= first <= 2  # one request + MLflow's single retry
         assert len(attempts) == first  # in back-off: no further connection at all
         assert len(_warnings(caplog)) == 1
+        assert tracker.end() == tmp_path / tracking.SPOOL_NAME
     finally:
         stop.set()
         thread.join(timeout=5)
@@ -315,17 +330,18 @@ def test_connection_lost_mid_run_then_back(server, caplog):
     assert run.data.params["after_outage"] == "yes" and run.info.status == "FINISHED"
 
 
-def test_server_process_stopped_mid_run(server, caplog, example):
+def test_server_process_stopped_mid_run(server, caplog, example, tmp_path):
     caplog.set_level(logging.WARNING, logger="dkd_ray.tracking")
-    tracker = Tracker("synthetic", "teacher", uri=server.uri, checkpoint_dir="/ckpt")
+    tracker = Tracker("synthetic", "teacher", uri=server.uri, checkpoint_dir=str(tmp_path))
     run_id = tracker.start()
     tracker.log_metrics({"loss": 1.0}, step=0)
     server.stop()  # the `server` fixture starts it again for any later test
     for step in (1, 2):
         tracker.log_metrics({"loss": 1.0}, step=step)
     assert tracker.log_model(TinyNet(), "teacher", example) is None
-    tracker.end()
+    spool = tracker.end()
     assert run_id is not None and len(_warnings(caplog)) == 1
+    assert [(m["step"], m["value"]) for m in _spooled_metrics(spool)] == [(1, 1.0), (2, 1.0)]
 
 
 def test_local_sqlite_store_by_default(monkeypatch, tmp_path):
@@ -339,3 +355,226 @@ def test_local_sqlite_store_by_default(monkeypatch, tmp_path):
     assert run.data.metrics == {"mAP": 0.42}
     stored = list((tmp_path / "mlartifacts").rglob("summary.json"))
     assert len(stored) == 1 and stored[0].parent.name == "results"
+
+
+# ---------------------------------------------------------------- an outage never drops a value
+KEYS = ("train/loss", "train/acc", "train/lr", "val/mAP")
+
+
+def _value(key: str, step: int) -> float:
+    return step * 10.0 + KEYS.index(key) if key in KEYS else float(step)
+
+
+def _spooled_metrics(path) -> list[dict]:
+    return [r for r in map(json.loads, Path(path).read_text().splitlines()) if r["kind"] == "metric"]
+
+
+def _messages(caplog, fragment: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name.startswith("dkd_ray.tracking") and fragment in r.getMessage()]
+
+
+def _assert_every_value_arrived(client: MlflowClient, run_id: str, steps: range, keys=KEYS) -> dict:
+    histories = {}
+    for key in keys:
+        history = sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, key))
+        assert [(s, v) for s, v, _ in history] == [(s, _value(key, s)) for s in steps], key
+        histories[key] = history
+    return histories
+
+
+def _replay_main():
+    spec = importlib.util.spec_from_file_location("replay_mlflow_job", REPO / "jobs" / "replay_mlflow.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_outage_mid_run_then_back_every_value_of_every_key_arrives(server, caplog, tmp_path):
+    """The proxy cut for steps 8-21 of 30, on four keys: the tracker retries (with back-off), sends
+    what waited once the server answers, with the steps and times it was logged at."""
+    caplog.set_level(logging.WARNING, logger="dkd_ray.tracking")
+    proxy = TcpProxy(server.port)
+    try:
+        tracker = Tracker("synthetic", "teacher", uri=proxy.uri, checkpoint_dir=str(tmp_path),
+                          retry_after_s=0.05, max_retry_after_s=0.4, close_timeout_s=5)
+        run_id = tracker.start()
+        for step in range(30):
+            if step == 8:
+                proxy.cut()
+            if step == 22:
+                proxy.restore()
+                restored_ms = time.time() * 1000
+                time.sleep(0.5)  # longer than the back-off: the next call gets through
+            tracker.log_metrics({key: _value(key, step) for key in KEYS}, step=step)
+            if 8 <= step < 22:
+                assert tracker.pending()["metrics"] == 4 * (step - 7)  # nothing sent, nothing lost
+                time.sleep(0.05)  # several failed retries during the outage
+        assert tracker.pending()["metrics"] == 0  # sent mid-run, once the server answered
+        assert tracker.close() is None
+    finally:
+        proxy.close()
+    histories = _assert_every_value_arrived(MlflowClient(server.uri), run_id, range(30))
+    outage = [t for s, _, t in histories["train/loss"] if 8 <= s < 22]
+    assert max(outage) < restored_ms  # the time each value was logged at, not when it was sent
+    assert len(_warnings(caplog)) == 1
+    assert _messages(caplog, "reachable again") and "56 metric values" in _messages(caplog, "reachable again")[0]
+    late = _messages(caplog, "sent late")
+    assert len(late) == 1 and "train/loss x14 (steps 8-21)" in late[0] and "nothing is pending" in late[0]
+    assert not list(tmp_path.iterdir())  # no spool left behind
+
+
+def test_worker_epoch_tracker_close_sends_what_the_back_off_still_held(server, tmp_path):
+    """The bug seen: the server comes back while rank 0's tracker is still backing off, and the
+    loop ends; close() at the end of training must send every epoch's values."""
+    driver = Tracker("synthetic", "train_teacher", uri=server.uri)
+    run_id = driver.start()
+    proxy = TcpProxy(server.port)
+    loop_config = {"mlflow": {"uri": proxy.uri, "run_id": run_id, "dataset": "synthetic", "job": "train_teacher",
+                              "retry_after_s": 3600, "close_timeout_s": 5}}
+    try:
+        tracker = epoch_tracker(loop_config, LocalSession(checkpoint_root=tmp_path))
+        assert isinstance(tracker, Tracker) and tracker.checkpoint_dir == str(tmp_path)
+        tracker.log_metrics({key: _value(key, 1) for key in KEYS}, step=1)
+        proxy.cut()
+        for epoch in range(2, 17):
+            tracker.log_metrics({key: _value(key, epoch) for key in KEYS}, step=epoch)
+        proxy.restore()  # back before the end, but the back-off (an hour) outlasts the run
+        assert tracker.pending()["metrics"] == 60
+        assert tracker.close() is None
+    finally:
+        proxy.close()
+    client = MlflowClient(server.uri)
+    _assert_every_value_arrived(client, run_id, range(1, 17))
+    assert client.get_run(run_id).info.status == "RUNNING"  # the worker never ends the driver's run
+    driver.close()
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_server_still_down_at_close_spools_and_the_replay_delivers_everything(server, caplog, tmp_path):
+    caplog.set_level(logging.WARNING, logger="dkd_ray.tracking")
+    proxy = TcpProxy(server.port)
+    try:
+        tracker = Tracker("synthetic", "teacher", uri=proxy.uri, checkpoint_dir=str(tmp_path),
+                          retry_after_s=0.05, max_buffered_metrics=10, close_timeout_s=1.5)
+        run_id = tracker.start()
+        tracker.log_params({"lr": 0.1})
+        tracker.log_metrics({key: _value(key, 0) for key in KEYS}, step=0)
+        proxy.cut()
+        tracker.log_params({"late.param": "yes", "lr": 0.1})
+        tracker.set_tags({"stage": "late"})
+        for step in range(1, 20):  # 76 values: most past the bound of 10, in the spool already
+            tracker.log_metrics({key: _value(key, step) for key in KEYS}, step=step)
+        tracker.log_dict({"mAP": 0.5}, "results/summary.json")
+        started = time.monotonic()
+        spool = tracker.close()
+        waited = time.monotonic() - started
+    finally:
+        proxy.close()
+    assert 1.0 <= waited < 15  # a few tries over close_timeout_s, then the spool
+    assert spool == tmp_path / "mlflow_pending.jsonl" and spool.is_file()
+    spooled = _spooled_metrics(spool)
+    assert [(r["key"], r["step"]) for r in spooled] == [(k, s) for s in range(1, 20) for k in KEYS]  # in order
+    assert tracker.pending() == {"params": 0, "tags": 0, "metrics": 0, "artifacts": 0, "end": 0}
+    (message,) = _messages(caplog, "still pending")
+    assert str(spool) in message and "76 metric values" in message and "train/loss x19 (steps 1-19)" in message
+    assert f"replay_mlflow.py --spool {spool} --tracking-uri {proxy.uri}" in message
+    client = MlflowClient(server.uri)
+    assert client.get_run(run_id).info.status == "RUNNING"
+
+    main = _replay_main()
+    assert main(["--spool", str(spool), "--tracking-uri", server.uri]) == 0  # the server answers again
+    replayed = spool.with_name("mlflow_pending.jsonl.replayed")
+    assert replayed.is_file() and not spool.exists()
+    _assert_every_value_arrived(client, run_id, range(20))
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["late.param"] == "yes" and run.data.tags["stage"] == "late"
+    assert [a.path for a in client.list_artifacts(run_id, "results")] == ["results/summary.json"]
+    assert mlflow.artifacts.load_dict(f"runs:/{run_id}/results/summary.json") == {"mAP": 0.5}
+    assert main(["--spool", str(replayed), "--tracking-uri", server.uri]) == 0  # again: harmless
+    _assert_every_value_arrived(client, run_id, range(20))
+
+
+def test_replay_creates_the_run_the_outage_never_let_the_tracker_create(server, tmp_path, capsys):
+    tracker = Tracker("synthetic", "evaluate", uri=closed_port_uri(), checkpoint_dir=str(tmp_path),
+                      run_name="never-created", pipeline_id="pipe-9", close_timeout_s=0.2)
+    assert tracker.start() is None
+    tracker.log_params({"cbgm": True})
+    for step in range(5):
+        tracker.log_metrics({key: _value(key, step) for key in KEYS}, step=step)
+    spool = tracker.close()
+    assert spool is not None and json.loads(spool.read_text().splitlines()[0])["run_id"] is None
+    main = _replay_main()
+    assert main(["--spool", str(spool), "--tracking-uri", server.uri]) == 0
+    run_id = capsys.readouterr().out.split("into run ")[1].split()[0]
+    client = MlflowClient(server.uri)
+    run = client.get_run(run_id)
+    assert run.info.run_name == "never-created" and run.info.status == "FINISHED"
+    assert run.data.tags["pipeline_id"] == "pipe-9" and run.data.params["cbgm"] == "True"
+    assert client.get_experiment(run.info.experiment_id).name == "dkd-ray/synthetic"
+    _assert_every_value_arrived(client, run_id, range(5))
+
+
+def test_past_the_bound_values_go_to_the_spool_file_and_all_arrive(server, tmp_path):
+    proxy = TcpProxy(server.port)
+    try:
+        tracker = Tracker("synthetic", "teacher", uri=proxy.uri, checkpoint_dir=str(tmp_path),
+                          retry_after_s=3600, max_buffered_metrics=25, close_timeout_s=5)
+        run_id = tracker.start()
+        proxy.cut()
+        for step in range(50):  # 200 values, 8 times the bound
+            tracker.log_metrics({key: _value(key, step) for key in KEYS}, step=step)
+            assert len(tracker._pending_metrics) <= 25  # memory stays bounded
+        spool = tmp_path / "mlflow_pending.jsonl"
+        assert len(_spooled_metrics(spool)) >= 175 and tracker.pending()["metrics"] == 200
+        proxy.restore()
+        assert tracker.close() is None
+    finally:
+        proxy.close()
+    _assert_every_value_arrived(MlflowClient(server.uri), run_id, range(50))
+    assert not spool.exists()  # drained, then removed
+
+
+def test_a_refused_value_does_not_take_its_batch_with_it(server, caplog):
+    caplog.set_level(logging.WARNING, logger="dkd_ray.tracking")
+    with Tracker("synthetic", "teacher", uri=server.uri) as tracker:
+        tracker.log_params({"a": 1})
+        tracker.log_params({"a": 2, "b": 3})  # "a" cannot change value; "b" must still be recorded
+        tracker.log_metrics({"ok": 1.0, "bad key!": 2.0, "also_ok": 3.0}, step=0)
+    client = MlflowClient(server.uri)
+    run = client.get_run(tracker.run_id)
+    assert run.data.params == {"a": "1", "b": "3"}
+    assert set(run.data.metrics) == {"ok", "also_ok"}
+    assert any("bad key!" in m for m in _messages(caplog, "rejected"))
+
+
+def test_a_tracker_never_closed_spools_at_exit(tmp_path):
+    from dkd_ray.tracking.tracker import _spool_at_exit
+
+    tracker = Tracker("synthetic", "teacher", uri=closed_port_uri(), checkpoint_dir=str(tmp_path),
+                      retry_after_s=3600)
+    tracker.log_metrics({"loss": 0.5}, step=3)
+    _spool_at_exit()  # what atexit runs
+    assert [(r["key"], r["step"]) for r in _spooled_metrics(tmp_path / "mlflow_pending.jsonl")] == [("loss", 3)]
+    assert tracker.pending()["metrics"] == 0
+
+
+def test_replay_refuses_bad_input_in_one_line(tmp_path, capsys):
+    result = subprocess.run([sys.executable, str(REPO / "jobs" / "replay_mlflow.py"), "--spool",
+                             str(tmp_path / "missing.jsonl")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip() == f"error: --spool {tmp_path / 'missing.jsonl'}: no such file"
+    main = _replay_main()
+    bad = tmp_path / "bad.jsonl"
+    for content, fragment in (('{"kind":"metric"}\n', "not an MLflow spool"),
+                              ('{"kind":"run","version":1}\nnot json\n{}\n', "line 2"),
+                              ('{"kind":"run","version":1}\n{"kind":"metric","key":"x"}\n', "line 2")):
+        bad.write_text(content)
+        with pytest.raises(SystemExit) as stop:
+            main(["--spool", str(bad)])
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and err.startswith("error: ") and fragment in err and "\n" not in err
+        assert bad.exists()  # never renamed
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0 and "--tracking-uri" in capsys.readouterr().out

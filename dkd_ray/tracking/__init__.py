@@ -1,5 +1,6 @@
 """MLflow runs, model logging, the model registry and model loading (one module each:
-``naming``, ``redaction``, ``tracker``, ``model_logging``, ``registry``, ``loading``, ``errors``).
+``naming``, ``redaction``, ``tracker``, ``spool``, ``model_logging``, ``registry``, ``loading``,
+``errors``).
 
 Where runs go: ``tracking_uri()`` is ``MLFLOW_TRACKING_URI`` when set (a tracking server on a
 cluster), else a SQLite store ``<cwd>/mlflow.db`` with artifacts in ``<cwd>/mlartifacts``, which
@@ -14,15 +15,25 @@ submits); filter them in the UI with ``tags.pipeline_id = '<id>'``. Tags are use
 nesting because the stages are separate Ray jobs; Tune trials, which do share a driver, are
 nested under the sweep's run with ``parent_run_id``.
 
-Robustness: training never waits on MLflow. ``Tracker`` turns every call into a best effort:
-when the server cannot be reached (at start or mid-run) it warns once, keeps params, tags,
-metrics and artifact paths in memory, and tries again after a back-off (30 s, doubling up to
-10 min), flushing what it kept once the server answers. MLflow's own HTTP retries are cut to
-one retry and a 20 s timeout (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``..._TIMEOUT`` /
+Robustness: training never waits on MLflow, and an outage never silently drops what was logged.
+``Tracker`` turns every call into a best effort: when the server cannot be reached (at start or
+mid-run) it warns once, keeps params, tags, metric values (with the step and timestamp they were
+logged at) and artifact paths, and tries again after a back-off (30 s, doubling up to 10 min),
+sending what it kept, in order, once the server answers. Past ``max_buffered_metrics`` (10k)
+metric values the oldest go to a spool file (``spool``: JSON lines, in the run's checkpoint
+folder when known, else a temporary folder), so memory stays bounded and nothing is discarded.
+``close()`` ends a training loop or a job: a few more tries (``close_timeout_s``, 30 s by
+default or ``$DKD_MLFLOW_CLOSE_TIMEOUT_S``), then what is still pending is written to
+``<checkpoint folder>/mlflow_pending.jsonl`` and the log says what was sent late, what is left
+and the command that sends it once the server is back: ``python jobs/replay_mlflow.py --spool
+<file> [--tracking-uri URI]`` (``replay_spool``; idempotent; renames the file ``.replayed``).
+``end()`` is ``close()`` with a single last attempt; a tracker never closed spools at exit.
+Models are not spooled: a model not logged stays in the checkpoints. MLflow's own HTTP retries
+are cut to one retry and a 20 s timeout (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``..._TIMEOUT`` /
 ``..._BACKOFF_FACTOR``, unless the user set them) so a dead server costs seconds, not the
 minutes of MLflow's defaults. Rank 0 tracks; other ranks get a disabled ``Tracker`` whose calls
 return at once. Values of params whose names look secret (token, password, secret, api key,
-credential) and the user:password part of URIs are never sent or logged.
+credential) and the user:password part of URIs are never sent, logged or spooled.
 
 Models: ``log_model`` writes one MLflow model holding
 - the module serialised by ``mlflow.pytorch.log_model`` with a signature inferred from the input
@@ -44,8 +55,11 @@ from .naming import (PIPELINE_ENV, experiment_name, new_pipeline_id, registered_
                      version_tags)
 from .redaction import redact_params, redact_uri
 from .registry import UnmeasuredModelError, finite_headline, latest_registered, register_model, set_alias
+from .spool import SPOOL_NAME, ReplayUnreachable, SpoolError
+from .spool import replay as replay_spool
 from .tracker import Tracker
 
-__all__ = ["CONFIG_FILE", "PICKLE_ENV", "PIPELINE_ENV", "STATE_DICT_FILE", "ModelNotFoundError", "Tracker", "UnmeasuredModelError", "finite_headline",
+__all__ = ["CONFIG_FILE", "PICKLE_ENV", "PIPELINE_ENV", "SPOOL_NAME", "STATE_DICT_FILE", "ModelNotFoundError",
+           "ReplayUnreachable", "SpoolError", "Tracker", "UnmeasuredModelError", "finite_headline",
            "experiment_name", "latest_registered", "load_model", "new_pipeline_id", "redact_params", "redact_uri",
-           "register_model", "registered_model_name", "set_alias", "tracking_uri", "version_tags"]
+           "register_model", "registered_model_name", "replay_spool", "set_alias", "tracking_uri", "version_tags"]

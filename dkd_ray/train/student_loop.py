@@ -191,4 +191,5 @@ def train_student(loop_config: dict[str, Any], session: Session | None = None) -
         if session.is_main:
             log.info("student epoch %d/%d done: %s", progress.epoch, scfg.epochs,
                      {k: round(v, 4) for k, v in metrics.items()})
+    tracker.close()  # sends what waited for an MLflow outage, else spools it next to the checkpoints
     return final

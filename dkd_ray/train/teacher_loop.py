@@ -133,3 +133,4 @@ def train_teacher(loop_config: dict[str, Any], session: Session | None = None) -
         if session.is_main:
             log.info("teacher epoch %d/%d done: %s", progress.epoch, tcfg.epochs,
                      {k: round(v, 4) for k, v in metrics.items()})
+    tracker.close()  # sends what waited for an MLflow outage, else spools it next to the checkpoints
