@@ -9,6 +9,7 @@ The loop never imports Ray itself, so it is testable and the ranks see one inter
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def pick_device(use_gpu: str, local_rank: int = 0) -> torch.device:
@@ -36,8 +39,23 @@ class Session:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def latest_checkpoint(self) -> Path | None:  # a local folder holding the last checkpoint
+    run_name: str = ""  # the run the checkpoints belong to ("" when unknown: not checked)
+
+    def checkpoint_writers(self) -> int:
+        """How many ranks' files end up in one checkpoint folder (each writes a manifest): all
+        of them under Ray Train, which copies every rank's folder into the same storage folder."""
+        return self.world_size
+
+    def checkpoint_candidates(self) -> list[Path]:
+        """Local folders that may hold this run's latest checkpoint, the one to try first first
+        and then older ones. Not checked here beyond having a ``meta.json`` with an iteration
+        (``RunState.resume`` verifies, and falls back along this list)."""
         raise NotImplementedError
+
+    def latest_checkpoint(self) -> Path | None:
+        """A local folder holding the newest checkpoint that passes its manifest's size check
+        (skipped ones are logged), or None."""
+        return first_complete(self.checkpoint_candidates())
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, name: str | None = None) -> None:
         """Report metrics (every rank must call it: it is a barrier under Ray), with an optional
@@ -52,13 +70,25 @@ class LocalSession(Session):
     checkpoint_root: Path
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     reports: list[dict[str, Any]] = field(default_factory=list)
+    run_name: str = ""
 
     def __post_init__(self) -> None:
         self.checkpoint_root = Path(self.checkpoint_root)
 
-    def latest_checkpoint(self) -> Path | None:
+    def checkpoint_writers(self) -> int:
+        return 1  # this session's folders hold only its own rank's files (one session per rank)
+
+    def checkpoint_candidates(self) -> list[Path]:
+        """The folder ``LATEST`` names, then the older checkpoint folders next to it, newest
+        first (none without ``LATEST``: nothing was ever reported here)."""
         marker = self.checkpoint_root / "LATEST"
-        return self.checkpoint_root / marker.read_text().strip() if marker.exists() else None
+        if not marker.exists():
+            return []
+        head = self.checkpoint_root / marker.read_text().strip()
+        newest = checkpoint_iteration(head)
+        older = [d for d in checkpoint_folders(self.checkpoint_root)
+                 if d.name != head.name and (newest < 0 or checkpoint_iteration(d) <= newest)]
+        return [head, *older]
 
     def report(self, metrics, checkpoint_dir=None, name=None):
         self.reports.append(dict(metrics))
@@ -82,7 +112,9 @@ class RaySession(Session):
     ``run_dir`` (the run's folder on local or shared-file storage) is also scanned for
     checkpoints: Ray registers a reported checkpoint when its controller next polls the workers,
     so a worker that dies right after reporting can leave a checkpoint that is complete in storage
-    but unknown to ``get_checkpoint``; resuming from the newest complete one loses nothing.
+    but unknown to ``get_checkpoint``; resuming from the newest complete one loses nothing. A
+    worker killed while its checkpoint was being copied leaves an incomplete folder there too:
+    the candidates are checked against their manifests, and resuming falls back to older ones.
     """
 
     def __init__(self, use_gpu: str = "auto", run_dir: str | Path | None = None) -> None:
@@ -100,16 +132,24 @@ class RaySession(Session):
             self.device = pick_device(use_gpu, self.local_rank)
         self._restored: tempfile.TemporaryDirectory | None = None
         self.run_dir = Path(run_dir) if run_dir else None
+        try:
+            self.run_name = context.get_experiment_name()
+        except Exception:  # not every Ray version's context has it
+            self.run_name = self.run_dir.name if self.run_dir else ""
 
-    def latest_checkpoint(self) -> Path | None:
+    def checkpoint_candidates(self) -> list[Path]:
+        """The checkpoint folders in ``run_dir`` and the one ``get_checkpoint`` returns, newest
+        (highest iteration) first. The registered one is read in place when it is one of the
+        scanned folders, else materialised locally (S3) and kept until the session ends."""
+        scanned = checkpoint_folders(self.run_dir)
         checkpoint = self._train.get_checkpoint()
-        registered = None
-        if checkpoint is not None:
-            # Materialise locally (storage may be S3/NFS); kept until the session ends.
-            self._restored = tempfile.TemporaryDirectory(prefix="dkd-restore-")
-            registered = Path(checkpoint.to_directory(self._restored.name))
-        candidates = [c for c in (registered, newest_complete_checkpoint(self.run_dir)) if c is not None]
-        return max(candidates, key=checkpoint_iteration) if candidates else None
+        if checkpoint is not None and not any(d.name == Path(checkpoint.path).name for d in scanned):
+            if self._restored is None:
+                self._restored = tempfile.TemporaryDirectory(prefix="dkd-restore-")
+            registered = Path(checkpoint.to_directory(str(Path(self._restored.name) / Path(checkpoint.path).name)))
+            if checkpoint_iteration(registered) >= 0:
+                scanned.append(registered)
+        return sorted(scanned, key=_newest_first)
 
     def report(self, metrics, checkpoint_dir=None, name=None):
         checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
@@ -117,21 +157,59 @@ class RaySession(Session):
 
 
 def checkpoint_iteration(directory: Path) -> int:
-    """The iteration a checkpoint folder was taken at (-1 when it is not a complete checkpoint)."""
+    """The iteration a checkpoint folder was taken at, from its ``meta.json`` (-1 when it has no
+    readable one: not a checkpoint, e.g. Ray's ``aborted`` report or a run's own files)."""
     import json
 
     try:
         return int(json.loads((directory / "meta.json").read_text())["iteration"])
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return -1
 
 
+def _newest_first(directory: Path) -> tuple[int, str]:
+    return -checkpoint_iteration(directory), directory.name
+
+
+def checkpoint_folders(root: Path | None) -> list[Path]:
+    """The folders under ``root`` that look like checkpoints (a ``meta.json`` with an iteration),
+    newest first; not verified (see ``first_complete``). Hidden folders (staging copies) are not."""
+    if root is None or not Path(root).is_dir():
+        return []
+    folders = [d for d in Path(root).iterdir()
+               if d.is_dir() and not d.name.startswith(".") and checkpoint_iteration(d) >= 0]
+    return sorted(folders, key=_newest_first)
+
+
+def incomplete_reason(directory: Path) -> str | None:
+    """Why ``directory`` is not a complete checkpoint (cheap: ``meta.json``, manifests, file
+    sizes; no hashing), or None when it is, or may be (a folder without manifests that has its
+    ``state.pt``: only loading it tells)."""
+    from dkd_ray.train.checkpoint import STATE_FILE, CheckpointError, verify_checkpoint
+
+    try:
+        if not verify_checkpoint(directory) and not (directory / STATE_FILE).is_file():
+            return f"no {STATE_FILE}"
+    except CheckpointError as error:
+        return str(error)
+    return None
+
+
+def first_complete(candidates: list[Path]) -> Path | None:
+    """The first of ``candidates`` that ``incomplete_reason`` finds nothing wrong with; each
+    one skipped is logged with its reason."""
+    for directory in candidates:
+        reason = incomplete_reason(directory)
+        if reason is None:
+            return directory
+        log.warning("skipping checkpoint %s: %s", directory, reason)
+    return None
+
+
 def newest_complete_checkpoint(run_dir: Path | None) -> Path | None:
-    """The newest checkpoint folder under a run's folder whose state was written completely."""
-    if run_dir is None or not run_dir.is_dir():
-        return None
-    complete = [d for d in run_dir.iterdir() if d.is_dir() and (d / "state.pt").is_file() and checkpoint_iteration(d) >= 0]
-    return max(complete, key=checkpoint_iteration, default=None)
+    """The newest checkpoint folder under a run's folder that is complete (its manifests' files
+    all there, of the right sizes; a folder without manifests: its ``state.pt`` is there)."""
+    return first_complete(checkpoint_folders(run_dir))
 
 
 def current_session(use_gpu: str = "auto", checkpoint_root: str | Path | None = None,
