@@ -80,7 +80,7 @@ def fit(loop: Callable[[dict[str, Any]], Any], loop_config: dict[str, Any], cfg:
     and storage: Ray Train V2 reloads it) up to ``train.max_failures`` times (-1: no limit)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.train.v2.api.exceptions import TrainingFailedError
+    from ray.train.v2.api.exceptions import TrainingFailedError, WorkerGroupError
 
     gpu = use_gpu(cfg)
     loop_config = {**loop_config, "config": {**loop_config["config"],
@@ -110,7 +110,10 @@ def fit(loop: Callable[[dict[str, Any]], Any], loop_config: dict[str, Any], cfg:
             deterministic = deterministic_failure(error)
             if deterministic is not None:
                 raise deterministic from None
-            if failures == budget:
+            # Only the workers' failures are retried, as Ray Train's own policy does: a controller
+            # error is Ray's to handle (it retries the retryable ones itself), and it is also how a
+            # Tune trial that ASHA stopped ends (its report callback raises), which must stay stopped.
+            if not isinstance(error, WorkerGroupError) or failures == budget:
                 raise
             log.warning("Ray Train run %s failed (%s); restarting from its latest checkpoint (failure %d of at "
                         "most %s)", name, _first_line(error), failures + 1,
