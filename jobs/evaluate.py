@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -147,12 +146,7 @@ def check_model_reference(flag: str, ref: str) -> None:
     corrupt one fails), an MLflow reference is looked up (without a download)."""
     from dkd_ray.models.loading import check_model_ref
     from dkd_ray.tracking.errors import ModelNotFoundError
-    from dkd_ray.tracking.loading import _RUN_ID, _URI_SCHEME  # the forms tracking.load_model reads
 
-    if not (_URI_SCHEME.match(ref) or _RUN_ID.fullmatch(ref) or re.fullmatch(r"m-[0-9a-f]{32}", ref)) \
-            and not Path(ref).expanduser().exists():
-        raise ModelNotFoundError(f"{flag} {ref!r}: no such file or folder, and not an MLflow model URI "
-                                 "(models:/name/3, models:/name@alias, runs:/<run id>/<name>) nor a run id")
     try:
         check_model_ref(ref, "teacher" if flag == "--teacher" else "student")
     except ModelNotFoundError as error:

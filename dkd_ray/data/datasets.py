@@ -45,16 +45,8 @@ MAX_UNREADABLE_FRACTION = 0.01  # of a dataset's images; at least one is always 
 
 
 class UnreadableImageError(DatasetError):
-    """Too many unreadable images, or one the knowledge bank needs. Also takes a single argument:
-    a DataLoader re-raises a worker process's exception as ``type(text)`` and, for a type that
-    refuses one argument (``DatasetError``), as a RuntimeError, which Ray would retry."""
-
-    def __init__(self, file: str | Path, message: str | None = None) -> None:
-        if message is None:  # rebuilt by the DataLoader from the worker's traceback text
-            Exception.__init__(self, str(file))
-            self.file, self.message = "", str(file)
-        else:
-            super().__init__(file, message)
+    """Too many unreadable images, or one the knowledge bank needs. (``DatasetError`` also takes
+    the single argument a DataLoader re-raises a worker process's exception with.)"""
 
 
 class UnreadableImages:

@@ -47,10 +47,13 @@ def load_model(ref: str | os.PathLike, *, builder: Callable[[dict], nn.Module] |
     elif re.fullmatch(r"m-[0-9a-f]{32}", text):  # an MLflow 3 logged-model id
         model_uri = f"models:/{text}"
     else:
-        raise ModelNotFoundError(
-            f"model reference {text!r} is neither an existing path, an MLflow URI "
-            "(models:/name/3, models:/name@alias, runs:/<run id>/<name>) nor a run id")
+        raise names_nothing(text)
     return _load_local(_download(model_uri, uri), builder, map_location, text, trust_pickle)
+
+
+def names_nothing(ref: str) -> ModelNotFoundError:
+    return ModelNotFoundError(f"{ref!r}: no such file or folder, and not an MLflow model URI (models:/name/3, "
+                              "models:/name@alias, runs:/<run id>/<name>) nor a run id")
 
 
 def check_model_uri(ref: str, uri: str | None = None) -> str:
@@ -62,8 +65,7 @@ def check_model_uri(ref: str, uri: str | None = None) -> str:
     logged_model = re.compile(r"m-[0-9a-f]{32}")
     target = ref.removeprefix("models:/")
     if not (ref.startswith(("models:/", "runs:/")) or _RUN_ID.fullmatch(ref) or logged_model.fullmatch(ref)):
-        raise ModelNotFoundError(f"model reference {ref!r} is neither an existing path, an MLflow URI "
-                                 "(models:/name/3, models:/name@alias, runs:/<run id>/<name>) nor a run id")
+        raise names_nothing(ref)
     if ref.startswith("models:/") and not logged_model.fullmatch(target) and "@" not in target \
             and not target.partition("/")[2]:
         name = target.partition("/")[0]
