@@ -107,23 +107,18 @@ def _mlflow_settings(tracker, cfg: Config, job: str) -> dict[str, Any]:
             "experiment": tracker.experiment}
 
 
-def _fit_or_fail(tracker, loop, loop_config: dict[str, Any], cfg: Config, run_name: str, storage_path):
-    from dkd_ray.train.runner import fit
-
-    return fit(loop, loop_config, cfg, name=run_name, storage_path=storage_path)
-
-
 def train_teacher_stage(cfg: Config, data_root: Path, *, storage_path: str | Path, experiment: str,
                         run_name: str, parent_run_id: str | None = None, register: bool = True) -> StageResult:
     """Train the teacher, evaluate it on ground truth, build the bank, log and (unless
     ``register`` is False) register it."""
+    from dkd_ray.train.runner import fit
     from dkd_ray.train.teacher_loop import train_teacher
 
     tracker = _tracker(cfg, "train_teacher", experiment, run_name, storage_path, parent_run_id)
     with _closing(tracker, storage_path, run_name):
         loop_config = {"config": cfg.to_dict(), "data_root": str(data_root), "run_name": run_name,
                        "mlflow": _mlflow_settings(tracker, cfg, "train_teacher")}
-        result = _fit_or_fail(tracker, train_teacher, loop_config, cfg, run_name, storage_path)
+        result = fit(train_teacher, loop_config, cfg, name=run_name, storage_path=storage_path)
         checkpoint = _checkpoint_dir(result)
         metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
         stage = StageResult("teacher", checkpoint, metrics, run_id=tracker.run_id)
@@ -187,6 +182,7 @@ def train_student_stage(cfg: Config, data_root: Path, *, teacher_ref: str, bank_
     and register it."""
     from dkd_ray.data import load_annotations
     from dkd_ray.train.evaluation import EvaluationArrays
+    from dkd_ray.train.runner import fit
     from dkd_ray.train.student_loop import train_student
 
     tracker = _tracker(cfg, "train_student", experiment, run_name, storage_path)
@@ -195,7 +191,7 @@ def train_student_stage(cfg: Config, data_root: Path, *, teacher_ref: str, bank_
         loop_config = {"config": cfg.to_dict(), "data_root": str(data_root),
                        "teacher_ref": worker_teacher_ref(teacher_ref), "bank_path": str(bank_path) if bank_path else "",
                        "run_name": run_name, "mlflow": _mlflow_settings(tracker, cfg, "train_student")}
-        result = _fit_or_fail(tracker, train_student, loop_config, cfg, run_name, storage_path)
+        result = fit(train_student, loop_config, cfg, name=run_name, storage_path=storage_path)
         checkpoint = _checkpoint_dir(result)
         stage = StageResult("student", checkpoint, {}, run_id=tracker.run_id)
         tracker.set_tags({"checkpoint": str(checkpoint)})

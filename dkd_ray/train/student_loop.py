@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import BatchSampler, DataLoader
 
-from dkd_ray.config import Config
+from dkd_ray.config import Config, ConfigError
 from dkd_ray.data.datasets import SceneDataset, collate_scenes, labelled_box_rows
 from dkd_ray.data.samplers import SkipBatches, scene_sampler
 from dkd_ray.data.splits import validation_split
@@ -66,12 +66,12 @@ def build_teacher_knowledge(cfg: Config, loop_config: dict[str, Any], device: to
 
     ref = loop_config.get("teacher_ref") or ""
     if not ref:
-        raise ValueError("distill.use_bank=false (online teacher) needs a teacher: loop_config['teacher_ref'] "
+        raise ConfigError("distill.use_bank=false (online teacher) needs a teacher: loop_config['teacher_ref'] "
                          "(a checkpoint folder, an MLflow model URI or a run id) is empty")
     uri = (loop_config.get("mlflow") or {}).get("uri") or loop_config.get("tracking_uri")
     teacher = load_model(ref, role="teacher", map_location=device, uri=uri).to(device).eval()
     if num_classes is not None and int(teacher.num_classes) != int(num_classes):
-        raise ValueError(f"teacher {ref!r} has {teacher.num_classes} classes, but the student trains on "
+        raise ConfigError(f"teacher {ref!r} has {teacher.num_classes} classes, but the student trains on "
                          f"{num_classes} identities: use a teacher trained on this dataset")
     online = OnlineTeacher(teacher, teacher_input_size(teacher))
 
