@@ -178,12 +178,33 @@ def test_checkpoint_of_another_config_or_run_is_skipped(tmp_path, caplog):
     assert run_fingerprint(resumable, "teacher") == run_fingerprint(cfg, "teacher")
     assert run_fingerprint(resumable, "student") != run_fingerprint(cfg, "student")
 
-    caplog.clear()
+
+
+def test_resume_among_only_another_runs_or_configs_checkpoints_is_refused(tmp_path, caplog):
+    """Starting from scratch there would mix two runs in one folder (and the newer one's retention
+    would delete the older one's checkpoints): refused by name, as bad input."""
+    from dkd_ray.errors import InputError
+    from dkd_ray.train.state import ForeignCheckpointError
+
+    cfg = preset("cpu-small")
+    _write_checkpoints(LocalSession(checkpoint_root=tmp_path, run_name="run-a"), [1, 2], cfg)
+    before = sorted(p.name for p in tmp_path.iterdir())
     stranger = LocalSession(checkpoint_root=tmp_path, run_name="run-b")
+    with pytest.raises(ForeignCheckpointError, match="it belongs to run 'run-a', not to this run 'run-b'") as caught:
+        _resume(stranger, cfg)
+    assert isinstance(caught.value, InputError) and str(tmp_path) in str(caught.value)
+    changed = LocalSession(checkpoint_root=tmp_path, run_name="run-a")
+    with pytest.raises(ForeignCheckpointError, match=r"another config.*teacher.lr: 0.001 -> 0.002"):
+        _resume(changed, preset("cpu-small", ["teacher.lr=0.002"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written or deleted
+
+    # A truncated checkpoint of its own is no reason to refuse: the run starts over, saying so.
+    own = tmp_path / "own"
+    _write_checkpoints(LocalSession(checkpoint_root=own, run_name="run-c"), [1], cfg)
+    _truncate(_folder(own, 1) / "state.pt")
     with caplog.at_level(logging.WARNING, logger=STATE_LOG):
-        assert _resume(stranger, other).progress.iteration == 0  # nothing of run-b's: from scratch
-    text = _warnings(caplog)
-    assert "it belongs to run 'run-a', not to this run 'run-b'" in text and "starting from scratch" in text, text
+        assert _resume(LocalSession(checkpoint_root=own, run_name="run-c"), cfg).progress.iteration == 0
+    assert "starting from scratch" in _warnings(caplog)
 
 
 def test_checkpoint_written_before_manifests_still_loads_with_one_warning(tmp_path, caplog):
@@ -202,7 +223,8 @@ def test_checkpoint_written_before_manifests_still_loads_with_one_warning(tmp_pa
     assert torch.equal(run.model[0].weight, model[0].weight)
     assert _warnings(caplog).count("has no manifest") == 1
     # its config is in state.pt: another config's run still does not take it
-    assert _resume(session, preset("cpu-small", ["teacher.lr=0.002"])).progress.iteration == 0
+    with pytest.raises(CheckpointError, match="another config"):
+        _resume(session, preset("cpu-small", ["teacher.lr=0.002"]))
 
 
 @pytest.mark.slow

@@ -130,3 +130,52 @@ def test_a_failed_job_continues_with_resume_from_its_last_checkpoint(tiny_cuhk, 
     runs = client.search_runs([experiment.experiment_id], "attributes.run_name = 'student-under-test'")
     assert [r.info.status for r in runs] == ["FINISHED"], [(r.info.run_id, r.info.status) for r in runs]
     assert "failure" in runs[0].data.tags  # what ended the first job stays on record
+
+
+def test_a_killed_driver_is_marked_killed_and_resume_continues_its_mlflow_run(tiny_cuhk, tiny_teacher, tmp_path):
+    """The job's driver and its local Ray die at once (SIGKILL to the process group, as when the
+    driver's machine is lost) after iteration 3: nothing could close its MLflow run then. The same
+    command with --resume marks it KILLED on start, resumes from the checkpoint of iteration 2 and
+    finishes that same run: one FINISHED run, never a RUNNING one left behind."""
+    import os
+    import signal
+
+    from mlflow import MlflowClient
+
+    trace = tmp_path / "trace.txt"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "DKD_TRACE_FILE": str(trace)}
+    env.pop("RAY_ADDRESS", None)
+    args = _student_args(tiny_cuhk, tiny_teacher, tmp_path / "runs", 5, 1) + ["--set", "eval.two_step=false"]
+    job = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    output: list[str] = []
+    threading.Thread(target=lambda: output.extend(job.stdout), daemon=True).start()
+    deadline = time.monotonic() + 600
+    while job.poll() is None and time.monotonic() < deadline and \
+            not (trace.exists() and len(trace.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    assert job.poll() is None, "".join(output)[-6000:]
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait(timeout=60)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("dkd-ray/synthetic")
+    lost = client.search_runs([experiment.experiment_id], "attributes.run_name = 'student-under-test'")
+    assert [r.info.status for r in lost] == ["RUNNING"]  # what a lost driver leaves behind
+    done_before = len(_lineage(trace))
+
+    resume = [a for a in args if a not in ("--run-name", "student-under-test")] + ["--resume", "student-under-test"]
+    resumed = subprocess.run(resume, capture_output=True, text=True, timeout=600, env=env)
+    log = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, log[-6000:]
+    assert "its driver was lost" in log, log[-4000:]
+    lineage = _lineage(trace)
+    resumed_from = lineage[done_before][0]  # after the newest checkpoint (every 2 iterations)
+    assert resumed_from % 2 == 1 and resumed_from <= done_before + 1, lineage
+    assert [i for i, _ in lineage[done_before:]] == list(range(resumed_from, 6)), lineage
+    replayed = lineage[resumed_from - 1:done_before]  # iterations trained after that checkpoint
+    assert replayed == lineage[done_before:done_before + len(replayed)]  # same batches again, none skipped
+
+    runs = client.search_runs([experiment.experiment_id], "attributes.run_name = 'student-under-test'")
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(lost[0].info.run_id, "FINISHED")]
+    assert "driver lost" in runs[0].data.tags.get("failure", "")  # the loss stays on record

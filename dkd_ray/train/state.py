@@ -13,7 +13,10 @@ A half-copied checkpoint never ends a run. Every rank writes ``MANIFEST.rank<r>.
 role and its config fingerprint (``run_fingerprint``). ``resume`` walks the session's candidates
 newest first and takes the first that is complete (manifests, sizes, then sha256 of what it reads),
 loads, and belongs to this run (same run name when both are known, same role, same fingerprint);
-each one it passes over is logged as a warning naming the folder and the reason. Folders written
+each one it passes over is logged as a warning naming the folder and the reason. When none is
+usable and some of them are another run's or config's, the resume is refused
+(``ForeignCheckpointError``): starting from scratch there would mix two runs' checkpoints in one
+folder, and the newer run's retention would delete the older one's. Folders written
 before manifests are accepted when ``state.pt`` loads (one warning each). Under Ray with several
 workers rank 0 chooses and broadcasts its choice, so all ranks resume from the same folder.
 """
@@ -38,6 +41,14 @@ from dkd_ray.train.checkpoint import (MANIFEST_COUNT_KEY, META_FILE, STATE_FILE,
 from dkd_ray.train.session import Session
 
 log = logging.getLogger(__name__)
+
+
+_REFUSED = "\0refused"  # rank 0's broadcast when it refuses to resume
+
+
+class ForeignCheckpointError(CheckpointError):
+    """A complete checkpoint of another run, role or config: never resumed from. The message
+    says why (e.g. "it was written with another config: teacher.lr: 0.002 -> 0.001")."""
 
 EPOCH_RESULTS = "epoch_results.json"
 
@@ -147,6 +158,7 @@ class RunState:
         chosen = state = None
         if not shared or self.session.is_main:
             skipped: list[str] = []
+            foreign: ForeignCheckpointError | None = None
             for directory in candidates:
                 try:
                     state = self._load_if_usable(directory)
@@ -154,11 +166,20 @@ class RunState:
                     log.warning("%s: skipping checkpoint %s: %s; falling back to the next older checkpoint",
                                 self.role, directory, error)
                     skipped.append(directory.name)
+                    if isinstance(error, ForeignCheckpointError) and foreign is None:
+                        foreign = ForeignCheckpointError(f"{self.role}: not resuming from {directory.parent}: "
+                                                         f"checkpoint {directory.name}: {error}; none there "
+                                                         "is this run's; resume with the settings it was trained "
+                                                         "with, or train under another run name or storage path")
                     continue
                 chosen = directory
                 break
             if skipped and chosen is not None:
                 log.warning("%s: resuming from %s, older than the skipped %s", self.role, chosen, ", ".join(skipped))
+            elif foreign is not None:
+                if shared:  # the other ranks stop with it rather than wait in the broadcast below
+                    _broadcast_from_rank0(_REFUSED, self.session.device)
+                raise foreign
             elif skipped:
                 log.warning("%s: none of the %d checkpoint(s) found is usable (%s); starting from scratch",
                             self.role, len(skipped), ", ".join(skipped))
@@ -167,6 +188,8 @@ class RunState:
             if not self.session.is_main:
                 if name is None:
                     return None, None
+                if name == _REFUSED:
+                    raise ForeignCheckpointError(f"{self.role}: rank 0 refused to resume (see its error)")
                 chosen = next((d for d in candidates if d.name == name), None)
                 if chosen is None:
                     raise RuntimeError(f"{self.role}: rank {self.session.rank} cannot see checkpoint {name}, which "
@@ -191,7 +214,7 @@ class RunState:
         if not verified:  # written before manifests: no fingerprint either, but state.pt has the config
             if check_run:
                 if state.extra.get("role") not in (None, self.role):
-                    raise CheckpointError(f"it holds a {state.extra['role']}, this run trains a {self.role}")
+                    raise ForeignCheckpointError(f"it holds a {state.extra['role']}, this run trains a {self.role}")
                 if state.config and "fingerprint" not in meta:
                     self._check_same_config(fingerprint_config(state.config, self.role))
             if str(directory) not in _LEGACY_WARNED:  # once per folder and process
@@ -204,9 +227,9 @@ class RunState:
         mine = getattr(self.session, "run_name", "") or ""
         theirs = meta.get("run_name") or ""
         if mine and theirs and mine != theirs:
-            raise CheckpointError(f"it belongs to run {theirs!r}, not to this run {mine!r}")
+            raise ForeignCheckpointError(f"it belongs to run {theirs!r}, not to this run {mine!r}")
         if meta.get("role") not in (None, self.role):
-            raise CheckpointError(f"it holds a {meta['role']}, this run trains a {self.role}")
+            raise ForeignCheckpointError(f"it holds a {meta['role']}, this run trains a {self.role}")
         fingerprint = meta.get("fingerprint")
         if fingerprint is None:
             return
@@ -214,15 +237,15 @@ class RunState:
             return
         saved = meta.get("fingerprint_config")
         if not isinstance(saved, dict):
-            raise CheckpointError(f"it was written with another config (fingerprint {fingerprint}, this run "
-                                  f"{run_fingerprint(self.cfg, self.role)})")
+            raise ForeignCheckpointError(f"it was written with another config (fingerprint {fingerprint}, this run "
+                                         f"{run_fingerprint(self.cfg, self.role)})")
         self._check_same_config(saved, fingerprint)
 
     def _check_same_config(self, saved: dict[str, Any], fingerprint: str | None = None) -> None:
         differences = config_differences(saved, fingerprint_config(self.cfg, self.role))
         if differences:
             which = f" (fingerprint {fingerprint}, this run {run_fingerprint(self.cfg, self.role)})" if fingerprint else ""
-            raise CheckpointError(f"it was written with another config{which}: {'; '.join(differences)}")
+            raise ForeignCheckpointError(f"it was written with another config{which}: {'; '.join(differences)}")
 
     def _restore_rng(self, restored: Path, state: TrainingState) -> None:
         rank = self.session.rank
