@@ -37,3 +37,20 @@ def tiny_teacher(tiny_cuhk, tmp_path_factory) -> Path:
     train_teacher({"config": cfg.to_dict(), "data_root": str(tiny_cuhk)}, session)
     return session.latest_checkpoint()
 
+
+
+@pytest.fixture(scope="session")
+def tiny_students(tiny_cuhk, tiny_teacher, tmp_path_factory) -> tuple[Path, Path]:
+    """Two checkpoints of one student trained in-process on ``tiny_cuhk`` (iterations 1 and 2:
+    two models with different weights, for tests that tell models apart)."""
+    from dkd_ray.config import preset
+    from dkd_ray.train.session import LocalSession, checkpoint_folders
+    from dkd_ray.train.student_loop import train_student
+
+    cfg = preset("cpu-small", TINY_OVERRIDES + ["train.max_iters=2", "train.checkpoint_every_iters=1",
+                                                "eval.two_step=false"])
+    root = tmp_path_factory.mktemp("student")
+    train_student({"config": cfg.to_dict(), "data_root": str(tiny_cuhk), "bank_path": str(tiny_teacher / "bank")},
+                  LocalSession(checkpoint_root=root))
+    newest, older = checkpoint_folders(root)[:2]
+    return newest, older
