@@ -19,7 +19,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -54,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=4, help="frames per actor call (default: 4)")
     run.add_argument("--score-threshold", type=float,
                      help="keep detections at or above this score (default: the model's own)")
-    run.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
-                     help="MLflow server for models:/ URIs and run ids (default: $MLFLOW_TRACKING_URI)")
+    run.add_argument("--tracking-uri", default=None,
+                     help="MLflow for models:/ URIs, run ids and the index run (default: $MLFLOW_TRACKING_URI, "
+                          "else ./mlflow.db)")
+    run.add_argument("--no-mlflow", action="store_true", help="do not log the index run to MLflow")
     return parser
 
 
@@ -66,8 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     from dkd_ray.gallery.sources import dataset_sources, list_sources
     from dkd_ray.models.loading import check_model_ref
 
+    from dkd_ray.tracking import tracking_uri
+
     args = build_parser().parse_args(argv)
     quiet_libraries()
+    args.tracking_uri = args.tracking_uri or tracking_uri()
     if bool(args.input) == bool(args.dataset):
         raise GalleryInputError("give either --input PATH... or --dataset/--data-root (one of them)")
     if args.actors < 1 or args.batch_size < 1:
@@ -90,6 +94,14 @@ def main(argv: list[str] | None = None) -> int:
                           score_threshold=args.score_threshold, actors=args.actors, use_gpu=args.use_gpu,
                           batch_size=args.batch_size)
     print(summary.line() + (f"; {len(skipped)} unreadable file(s) skipped" if skipped else ""))
+    if not args.no_mlflow and summary.files_indexed:
+        from dkd_ray.gallery.tracking import log_index_run
+        from dkd_ray.tracking import redact_uri
+
+        run_id = log_index_run(args.tracking_uri, summary, args.model, args.index)
+        if run_id:
+            print(f"MLflow run {run_id} (experiment dkd-ray/gallery) at {redact_uri(args.tracking_uri)}: counts, "
+                  "index.json and a sample search picture")
     print(f"search it: python jobs/search.py --model {args.model} --index {args.index} --query CROP.jpg")
     return 0
 

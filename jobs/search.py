@@ -4,7 +4,7 @@ The query: one or more crops of the person (--query CROP ..., embeddings average
 and the person's box in it (--query IMAGE --box x1 y1 x2 y2). The same model that built the
 index must embed the query (an index of another model is refused). Cosine similarity, exact by
 default (blocked matrix products) or with faiss (--method faiss-flat | faiss-hnsw; auto takes
-HNSW above a million rows when faiss is installed).
+HNSW above ten million rows when faiss is installed; the graph is built per search).
 
 Writes to --output-dir: results.json (for scripts), results.html (self-contained page) and
 results.png (picture sheet: query, then each hit's crop and scene with its box, similarity,
@@ -19,7 +19,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -51,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", choices=METHODS, default="auto", help="search method (default: auto)")
     parser.add_argument("--output-dir", type=Path, default=Path("search-results"),
                         help="where results.json/.html/.png go (default: search-results/)")
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
-                        help="MLflow server for models:/ URIs and run ids (default: $MLFLOW_TRACKING_URI)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow for models:/ URIs and run ids (default: $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     return parser
 
 
@@ -60,8 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from dkd_ray.gallery.search_job import run_search
 
+    from dkd_ray.tracking import tracking_uri
+
     args = build_parser().parse_args(argv)
     quiet_libraries()
+    args.tracking_uri = args.tracking_uri or tracking_uri()
     outcome = run_search(args)
     for hit in outcome["hits"]:
         print(f"{hit['rank']:>3}  {hit['similarity']:.3f}  {hit['source']}  frame {hit['frame']}  "

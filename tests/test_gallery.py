@@ -34,11 +34,13 @@ def _write_video(path: Path, images: list[Path], fps: int = 4) -> None:
             container.mux(packet)
 
 
-def _index(model: Path, index: Path, *inputs: str) -> subprocess.CompletedProcess:
+def _index(model: Path, index: Path, *inputs: str, mlflow_uri: str = "") -> subprocess.CompletedProcess:
     env = {**os.environ}
     env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    logging = ["--tracking-uri", mlflow_uri] if mlflow_uri else ["--no-mlflow"]
     return subprocess.run([sys.executable, str(ROOT / "jobs" / "index_gallery.py"), "--model", str(model), "--index",
-                           str(index), "--score-threshold", "0", *inputs], capture_output=True, text=True,
+                           str(index), "--score-threshold", "0", *logging, *inputs], capture_output=True, text=True,
                           timeout=600, env=env, cwd=ROOT)
 
 
@@ -56,13 +58,14 @@ def gallery(tiny_cuhk, tiny_students, tmp_path_factory):
     for scene in scenes[:4]:
         shutil.copy(scene, folder / scene.name)
     _write_video(folder / "cam1.mp4", scenes[:8])
-    first = _index(tiny_students[0], root / "index", "--input", str(folder), "--fps", "2")
+    mlflow_uri = f"sqlite:///{root / 'mlflow.db'}"
+    first = _index(tiny_students[0], root / "index", "--input", str(folder), "--fps", "2", mlflow_uri=mlflow_uri)
     info_first = json.loads((root / "index" / "index.json").read_text())
     for scene in scenes[4:6]:
         shutil.copy(scene, folder / scene.name)
     shutil.copy(scenes[0], folder / "renamed-copy.jpg")
     second = _index(tiny_students[0], root / "index", "--input", str(folder), "--fps", "2")
-    return {"root": root, "folder": folder, "index": root / "index", "first": first, "second": second,
+    return {"root": root, "mlflow_uri": mlflow_uri, "folder": folder, "index": root / "index", "first": first, "second": second,
             "info_first": info_first, "model": tiny_students[0], "other_model": tiny_students[1], "scenes": scenes}
 
 
@@ -99,6 +102,23 @@ def test_index_holds_every_image_and_the_sampled_video_frames(gallery):
     width, height = table.column("image_width").to_numpy(), table.column("image_height").to_numpy()
     # original pixels, within the resize's rounding (the 129-px scenes are detected at 160 px)
     assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= width + 1).all() and (boxes[:, 3] <= height + 1).all()
+
+
+def test_index_run_in_mlflow_has_lineage_counts_and_a_sample_search_picture(gallery):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(gallery["mlflow_uri"])
+    experiment = client.get_experiment_by_name("dkd-ray/gallery")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the second indexing ran with --no-mlflow
+    run = runs[0]
+    assert run.data.tags["model_digest"] == gallery["info_first"]["model_digest"]
+    assert run.data.tags["model_ref"] == str(gallery["model"]) and run.data.tags["role"] == "index"
+    assert run.data.metrics["files_new"] == 5 and run.data.metrics["frames"] == 8  # 4 images + 4 video frames
+    assert run.data.metrics["boxes"] == sum(f["boxes"] for f in gallery["info_first"]["files"].values())
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "sample_search")}
+    assert {"sample_search/results.png", "sample_search/results.html", "sample_search/results.json"} <= artifacts
+    assert "index.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
 def test_reindexing_a_grown_folder_indexes_only_the_new_files(gallery):
@@ -244,3 +264,30 @@ def test_bad_inputs_are_refused_by_name(gallery, capsys, tmp_path):
     assert code == 2 and "no gallery index there" in err, err
     grown = _index(gallery["other_model"], gallery["index"], "--input", scene)
     assert grown.returncode == 2 and "was built by model" in grown.stderr, grown.stderr
+
+
+def test_exported_embedder_round_trips_to_the_eager_embeddings(tiny_students, tmp_path, capsys):
+    import torch
+
+    sys.path.insert(0, str(ROOT / "jobs"))
+    import export_model
+
+    from dkd_ray.models.loading import load_model
+
+    out = tmp_path / "embedder.pt2"
+    assert export_model.main(["--model", str(tiny_students[0]), "--height", "144", "--width", "192",
+                              "--out", str(out)]) == 0
+    assert "checked against the eager model" in capsys.readouterr().out
+    program = torch.export.load(out)
+    student = load_model(tiny_students[0], role="student")
+    image = torch.rand(3, 144, 192)
+    for n in (1, 3, 11):  # any number of boxes
+        boxes = torch.tensor([[4.0 + i, 6.0, 60.0 + 5 * i, 130.0] for i in range(n)])
+        with torch.no_grad():
+            eager = student.embed_boxes([image], [boxes])[0]
+            exported = program.module()(image, boxes)
+        assert exported.shape == eager.shape == (n, eager.shape[1])
+        assert torch.allclose(exported, eager, atol=1e-5)
+    other = load_model(tiny_students[1], role="student")  # and it is this model, not any model
+    with torch.no_grad():
+        assert not torch.allclose(program.module()(image, boxes), other.embed_boxes([image], [boxes])[0], atol=1e-3)
