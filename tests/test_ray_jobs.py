@@ -134,8 +134,8 @@ def test_a_failed_job_continues_with_resume_from_its_last_checkpoint(tiny_cuhk, 
 
 def test_a_killed_driver_is_marked_killed_and_resume_continues_its_mlflow_run(tiny_cuhk, tiny_teacher, tmp_path):
     """The job's driver and its local Ray die at once (SIGKILL to the process group, as when the
-    driver's machine is lost) after iteration 3: nothing could close its MLflow run then. The same
-    command with --resume marks it KILLED on start, resumes from the checkpoint of iteration 2 and
+    driver's machine is lost) after iteration 3 or so: nothing could close its MLflow run then. The
+    same command with --resume marks it KILLED on start, resumes from its newest checkpoint and
     finishes that same run: one FINISHED run, never a RUNNING one left behind."""
     import os
     import signal
@@ -162,19 +162,23 @@ def test_a_killed_driver_is_marked_killed_and_resume_continues_its_mlflow_run(ti
     experiment = client.get_experiment_by_name("dkd-ray/synthetic")
     lost = client.search_runs([experiment.experiment_id], "attributes.run_name = 'student-under-test'")
     assert [r.info.status for r in lost] == ["RUNNING"]  # what a lost driver leaves behind
-    done_before = len(_lineage(trace))
 
+    # The resumed job traces to its own file: a Ray worker orphaned by the kill may still finish
+    # the step it was in, so the first job's trace is read only once the second has finished.
+    resumed_trace = tmp_path / "resumed-trace.txt"
     resume = [a for a in args if a not in ("--run-name", "student-under-test")] + ["--resume", "student-under-test"]
-    resumed = subprocess.run(resume, capture_output=True, text=True, timeout=600, env=env)
+    resumed = subprocess.run(resume, capture_output=True, text=True, timeout=600,
+                             env={**env, "DKD_TRACE_FILE": str(resumed_trace)})
     log = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, log[-6000:]
     assert "its driver was lost" in log, log[-4000:]
-    lineage = _lineage(trace)
-    resumed_from = lineage[done_before][0]  # after the newest checkpoint (every 2 iterations)
-    assert resumed_from % 2 == 1 and resumed_from <= done_before + 1, lineage
-    assert [i for i, _ in lineage[done_before:]] == list(range(resumed_from, 6)), lineage
-    replayed = lineage[resumed_from - 1:done_before]  # iterations trained after that checkpoint
-    assert replayed == lineage[done_before:done_before + len(replayed)]  # same batches again, none skipped
+    before, after = _lineage(trace), _lineage(resumed_trace)
+    assert [i for i, _ in before] == list(range(1, len(before) + 1)), before
+    resumed_from = after[0][0]  # after the newest checkpoint (every 2 iterations)
+    assert resumed_from % 2 == 1 and resumed_from <= len(before) + 1, (before, after)
+    assert [i for i, _ in after] == list(range(resumed_from, 6)), after
+    replayed = before[resumed_from - 1:]  # iterations trained after that checkpoint
+    assert replayed == after[:len(replayed)], (before, after)  # same batches again, none skipped
 
     runs = client.search_runs([experiment.experiment_id], "attributes.run_name = 'student-under-test'")
     assert [(r.info.run_id, r.info.status) for r in runs] == [(lost[0].info.run_id, "FINISHED")]
