@@ -60,9 +60,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     run.add_argument("--num-workers", type=int, help="Ray Train workers (one per GPU on a GPU cluster)")
     run.add_argument("--use-gpu", choices=("auto", "true", "false"), help="default: auto (GPU when the cluster has one)")
     run.add_argument("--storage-path", default=os.environ.get("DKD_STORAGE_PATH", "runs"),
-                     help="where checkpoints, the knowledge bank and run files go: a local folder or NFS (s3:// "
-                          "only when every worker runs on the driver's node) "
-                          "(default: %(default)s)")
+                     help="where checkpoints, the knowledge bank, final models and run files go: a local "
+                          "folder, an NFS mount, or object storage (s3://bucket/prefix, gs://, abfs://; "
+                          "credentials and endpoint from AWS_* etc.), required for nodes without a shared "
+                          "disk (default: %(default)s)")
     run.add_argument("--experiment", default="",
                      help="MLflow experiment (default: dkd-ray/<dataset>); tracking URI from MLFLOW_TRACKING_URI, "
                           "else sqlite:///mlflow.db in the working folder")
@@ -124,25 +125,26 @@ def run_name(args: argparse.Namespace, job: str) -> str:
 
 def storage_of(args: argparse.Namespace) -> str:
     """``--storage-path`` as the workers need it: absolute, or an object-store URI as given."""
-    return args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
+    from dkd_ray.storage import absolute
+
+    return absolute(args.storage_path)
 
 
 def claim_run_name(args: argparse.Namespace, storage: str, name: str) -> None:
     """Refuse a run name already in use on this storage unless the user asked to continue it:
     two jobs in one run folder would overwrite each other's checkpoints, and a restart of either
     would resume from the other's weights. ``--resume`` needs the run to exist."""
+    from dkd_ray import storage as store
     from dkd_ray.tracking.run_record import live_driver
 
-    if "://" in storage:  # object storage: Ray Train resumes by name; listing it is not cheap here
-        return
-    folder = Path(storage) / name
+    folder = store.join(storage, name)
     live = live_driver(storage, name)
     if live is not None:
         fail(f"run {name!r} in {storage} is being trained right now by pid {live.get('pid')} on {live.get('host')}; "
              "wait for it or pick another --run-name")
-    if getattr(args, "resume", "") and not folder.is_dir():
+    if getattr(args, "resume", "") and not store.is_dir(folder):
         fail(f"--resume {name}: there is no run {name!r} in {storage} to continue")
-    if not getattr(args, "resume", "") and folder.exists():
+    if not getattr(args, "resume", "") and store.exists(folder):
         fail(f"run name {name!r} is already used in {storage} ({folder}); continue that run with --resume {name}, "
              "or pick another --run-name")
 
@@ -158,16 +160,15 @@ def prepare_driver(args: argparse.Namespace, cfg: Config, *, check_data: bool = 
     # Resolved once here: workers run in Ray's folders, not the user's.
     os.environ.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri())
     os.environ.setdefault(tracking.PIPELINE_ENV, tracking.new_pipeline_id())
-    storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
+    storage = storage_of(args)
     _stop_cleanly_on_sigterm()
     data_root = resolve_data_root(cfg, storage if "://" not in storage else "data")
     if check_data:  # bad data fails here in seconds, not in a worker after Ray started
         check_trainable(cfg, data_root)
     init_ray()
-    if "://" not in storage:  # runs whose driver died (SIGKILL, lost node) are marked KILLED, not left RUNNING
-        from dkd_ray.tracking.run_record import reap_lost_drivers
+    from dkd_ray.tracking.run_record import reap_lost_drivers  # runs whose driver died (SIGKILL, lost node):
 
-        reap_lost_drivers(storage, os.environ["MLFLOW_TRACKING_URI"])
+    reap_lost_drivers(storage, os.environ["MLFLOW_TRACKING_URI"])  # marked KILLED, not left RUNNING
     logging.getLogger("dkd_ray").info("MLflow tracking: %s (pipeline %s)", tracking.redact_uri(
         os.environ["MLFLOW_TRACKING_URI"]), os.environ[tracking.PIPELINE_ENV])
     return data_root, storage

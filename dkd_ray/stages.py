@@ -9,7 +9,6 @@ If MLflow is unreachable the stage still finishes and its checkpoints stay in th
 from __future__ import annotations
 
 import logging
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class StageResult:
     role: str
-    checkpoint: Path  # the final checkpoint folder (local or on shared storage)
+    checkpoint: str  # the final checkpoint as every node reads it: a folder, or its object-store URI
     metrics: dict[str, float]
     run_id: str | None = None
     model_uri: str | None = None
@@ -33,10 +32,11 @@ class StageResult:
     files: list[Path] = field(default_factory=list)
 
     @property
-    def bank_path(self) -> Path:
+    def bank_path(self) -> str:
+        from dkd_ray import storage
         from dkd_ray.train.teacher_finish import BANK_DIR
 
-        return self.checkpoint / BANK_DIR
+        return storage.join(self.checkpoint, BANK_DIR)
 
 
 def _layout(cfg: Config) -> str:
@@ -45,14 +45,44 @@ def _layout(cfg: Config) -> str:
     return dataset_layout(cfg)
 
 
-def _checkpoint_dir(result) -> Path:
-    """The final checkpoint as a local folder (Ray keeps it in the storage path)."""
+def final_checkpoint(result) -> str:
+    """The run's final checkpoint as a reference every node can read: its folder on a local or
+    shared disk, or its URI on object storage (never a copy on the driver's disk)."""
+    from pyarrow import fs
+
     if result.checkpoint is None:
         raise RuntimeError(f"the Ray Train run ended without a checkpoint: {result.error!r}")
-    path = Path(result.checkpoint.path)
-    if path.exists():
-        return path
-    return Path(result.checkpoint.to_directory(tempfile.mkdtemp(prefix="dkd-final-")))
+    checkpoint = result.checkpoint
+    if isinstance(checkpoint.filesystem, fs.LocalFileSystem):
+        return str(Path(checkpoint.path))
+    scheme = checkpoint.filesystem.type_name  # "s3", "gcs", "abfs", "hdfs": pyarrow reads these back
+    return f"{scheme}://{checkpoint.path.lstrip('/')}"
+
+
+def evaluation_output(storage_path: str, run_name: str, given: str = "") -> Path:
+    """Where a job writes its evaluation files: ``given``, else ``<storage>/<run>/evaluation`` on
+    a local or shared disk; with object storage a scratch folder that ``publish_evaluation``
+    copies to ``<storage>/<run>/evaluation`` (the files also go to MLflow)."""
+    from dkd_ray import storage
+
+    if given:
+        return Path(given)
+    if storage.is_remote(storage_path):
+        import tempfile
+
+        return Path(tempfile.mkdtemp(prefix=f"dkd-{run_name}-evaluation-"))
+    return Path(storage_path) / run_name / "evaluation"
+
+
+def publish_evaluation(output: Path, storage_path: str, run_name: str, given: str = "") -> str:
+    """Where the evaluation files of ``evaluation_output`` are for users: uploaded when scratch."""
+    from dkd_ray import storage
+
+    if given or not storage.is_remote(storage_path):
+        return str(output)
+    uri = storage.join(storage_path, run_name, "evaluation")
+    storage.upload_dir(output, uri)
+    return uri
 
 
 def worker_teacher_ref(ref: str) -> str:
@@ -119,7 +149,7 @@ def train_teacher_stage(cfg: Config, data_root: Path, *, storage_path: str | Pat
         loop_config = {"config": cfg.to_dict(), "data_root": str(data_root), "run_name": run_name,
                        "mlflow": _mlflow_settings(tracker, cfg, "train_teacher")}
         result = fit(train_teacher, loop_config, cfg, name=run_name, storage_path=storage_path)
-        checkpoint = _checkpoint_dir(result)
+        checkpoint = final_checkpoint(result)
         metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
         stage = StageResult("teacher", checkpoint, metrics, run_id=tracker.run_id)
         tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith(("teacher_gt/", "val/"))})
@@ -131,7 +161,7 @@ def train_teacher_stage(cfg: Config, data_root: Path, *, storage_path: str | Pat
 
 
 def log_teacher_model(stage: StageResult, cfg: Config, tracker, test_metrics: dict[str, float], *,
-                      bank_path: Path | None = None, alias: str | None = None) -> None:
+                      bank_path: str | None = None, alias: str | None = None) -> None:
     """Log the teacher of ``stage.checkpoint`` in ``tracker``'s run and register it as
     ``dkd-teacher-<dataset>``, tagged with its test mAP/top-1 (two-step on ground truth)."""
     from dkd_ray.models.loading import load_model
@@ -151,18 +181,22 @@ def log_teacher_model(stage: StageResult, cfg: Config, tracker, test_metrics: di
 
 
 def resolve_bank(cfg: Config, teacher_ref: str, data_root: Path, *, storage_path: str | Path,
-                 run_name: str) -> Path:
+                 run_name: str) -> str:
     """The knowledge bank of ``teacher_ref``: its registered version's ``knowledge_bank`` tag or
-    its checkpoint's ``bank/`` when it exists, else built now on the cluster (sharded)."""
+    its checkpoint's ``bank/`` when it exists (a folder or an object-store URI), else built now
+    on the cluster (sharded)."""
+    from dkd_ray import storage
     from dkd_ray.train.teacher_finish import BANK_DIR
 
-    local = Path(teacher_ref).expanduser()
-    if local.exists() and (local / BANK_DIR).is_dir():
-        return local / BANK_DIR
+    if not teacher_ref.startswith(("models:/", "runs:/")) and (storage.is_remote(teacher_ref)
+                                                              or Path(teacher_ref).expanduser().exists()):
+        bank = storage.join(storage.absolute(teacher_ref), BANK_DIR)
+        if storage.is_dir(bank):
+            return bank
     if teacher_ref.startswith("models:/"):
         bank = registered_version_tags(teacher_ref).get("knowledge_bank")
-        if bank and Path(bank).is_dir():
-            return Path(bank)
+        if bank and storage.is_dir(bank):
+            return bank
     from dkd_ray.tracking import tracking_uri
     from dkd_ray.train.bank_loop import build_bank
     from dkd_ray.train.runner import fit
@@ -172,10 +206,10 @@ def resolve_bank(cfg: Config, teacher_ref: str, data_root: Path, *, storage_path
     result = fit(build_bank, {"config": cfg.to_dict(), "data_root": str(data_root),
                               "teacher_ref": worker_teacher_ref(teacher_ref), "tracking_uri": tracking_uri()},
                  cfg, name=f"{run_name}-bank", storage_path=storage_path)
-    return _checkpoint_dir(result) / BANK_DIR
+    return storage.join(final_checkpoint(result), BANK_DIR)
 
 
-def train_student_stage(cfg: Config, data_root: Path, *, teacher_ref: str, bank_path: Path | None,
+def train_student_stage(cfg: Config, data_root: Path, *, teacher_ref: str, bank_path: str | None,
                         storage_path: str | Path, experiment: str, run_name: str,
                         output_dir: Path) -> StageResult:
     """Train the distilled student on Ray, evaluate it (full protocol, two-step reference), log
@@ -192,7 +226,7 @@ def train_student_stage(cfg: Config, data_root: Path, *, teacher_ref: str, bank_
                        "teacher_ref": worker_teacher_ref(teacher_ref), "bank_path": str(bank_path) if bank_path else "",
                        "run_name": run_name, "mlflow": _mlflow_settings(tracker, cfg, "train_student")}
         result = fit(train_student, loop_config, cfg, name=run_name, storage_path=storage_path)
-        checkpoint = _checkpoint_dir(result)
+        checkpoint = final_checkpoint(result)
         stage = StageResult("student", checkpoint, {}, run_id=tracker.run_id)
         tracker.set_tags({"checkpoint": str(checkpoint)})
 
@@ -201,7 +235,7 @@ def train_student_stage(cfg: Config, data_root: Path, *, teacher_ref: str, bank_
             from dkd_ray.data.splits import validation_split
 
             annotations = validation_split(annotations, cfg.data.validation_fraction, cfg.train.seed)[1]
-        report_student(stage, cfg, annotations, EvaluationArrays.load(checkpoint / "evaluation"), teacher_ref,
+        report_student(stage, cfg, annotations, EvaluationArrays.load(evaluation_folder(checkpoint)), teacher_ref,
                        tracker, output_dir)
     return stage
 
@@ -238,7 +272,7 @@ def report_student(stage: StageResult, cfg: Config, annotations, arrays, teacher
 
 
 def evaluate_model_stage(cfg: Config, data_root: Path, model_ref: str, role: str, *, storage_path: str | Path,
-                         run_name: str) -> tuple[dict[str, float], Path]:
+                         run_name: str) -> tuple[dict[str, float], str]:
     """Evaluate a trained model on the test protocol on Ray Train workers (sharded inference).
     Returns the run's metrics and its checkpoint folder (``evaluation/`` holds a student's arrays)."""
     from dkd_ray.train.evaluate_loop import evaluate_model
@@ -249,7 +283,15 @@ def evaluate_model_stage(cfg: Config, data_root: Path, model_ref: str, role: str
     loop_config = {"config": evaluation.to_dict(), "data_root": str(data_root), "model_ref": model_ref, "role": role}
     result = fit(evaluate_model, loop_config, evaluation, name=run_name, storage_path=storage_path)
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    return metrics, _checkpoint_dir(result)
+    return metrics, final_checkpoint(result)
+
+
+def evaluation_folder(checkpoint: str) -> Path:
+    """The ``evaluation/`` arrays of a student checkpoint, on this node's disk (downloaded once
+    when the checkpoint is on object storage)."""
+    from dkd_ray import storage
+
+    return storage.localize(storage.join(checkpoint, "evaluation"))
 
 
 def two_step_reference(cfg: Config, annotations, arrays, teacher_ref: str) -> dict[str, float]:

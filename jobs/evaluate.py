@@ -162,12 +162,12 @@ def save_model_arrays(args: argparse.Namespace) -> None:
     cluster under ``ray job submit``, else a local one) and save the arrays the protocols take."""
     import time
 
-    from dkd_ray.cli import setup_logging
+    from dkd_ray.cli import setup_logging, storage_of
     from dkd_ray.config import Config
     from dkd_ray.data import load_annotations
     from dkd_ray.eval.arrays import save_query_embeddings
     from dkd_ray.models.loading import load_model
-    from dkd_ray.stages import evaluate_model_stage
+    from dkd_ray.stages import evaluate_model_stage, evaluation_folder
     from dkd_ray.train.evaluation import EvaluationArrays
     from dkd_ray.train.runner import init_ray
 
@@ -184,11 +184,11 @@ def save_model_arrays(args: argparse.Namespace) -> None:
     # Read before Ray starts: an unreadable dataset folder fails here, in one line.
     annotations = load_annotations(_layout(args.dataset), args.data_root, box_rule=args.box_rule)
     init_ray()
-    storage = args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
+    storage = storage_of(args)
     log.info("evaluating %s on the test split with %d worker(s)", args.model, cfg.train.num_workers)
     _, checkpoint = evaluate_model_stage(cfg, args.data_root, args.model, "student", storage_path=storage,
                                          run_name=f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}")
-    arrays = EvaluationArrays.load(checkpoint / "evaluation")
+    arrays = EvaluationArrays.load(evaluation_folder(checkpoint))
     args.output_dir.mkdir(parents=True, exist_ok=True)
     args.detections, args.queries = args.output_dir / "gallery.npz", args.output_dir / "queries.npz"
     arrays.gallery.save(args.detections, image_names=annotations.images.name)

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from dkd_ray.data.validate import validate_dataset
     from dkd_ray.eval.results import format_metrics_table
-    from dkd_ray.stages import train_student_stage, train_teacher_stage
+    from dkd_ray.stages import evaluation_output, publish_evaluation, train_student_stage, train_teacher_stage
     from dkd_ray.train.workdata import dataset_layout
 
     started = time.perf_counter()
@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     experiment = experiment_name(args, cfg)
     teacher = train_teacher_stage(cfg, data_root, storage_path=storage, experiment=experiment, run_name=f"{name}-teacher")
-    output = Path(storage) / name / "evaluation"
-    student = train_student_stage(cfg, data_root, teacher_ref=str(teacher.checkpoint), bank_path=teacher.bank_path,
+    output = evaluation_output(storage, name)
+    student = train_student_stage(cfg, data_root, teacher_ref=teacher.checkpoint, bank_path=teacher.bank_path,
                                   storage_path=storage, experiment=experiment, run_name=f"{name}-student",
                                   output_dir=output)
     minutes = (time.perf_counter() - started) / 60
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\npipeline finished in {minutes:.1f} min")
     print(f"  teacher: MLflow run {teacher.run_id}, registered dkd-teacher-{cfg.data.dataset} v{teacher.registered_version}")
     print(f"  student: MLflow run {student.run_id}, registered dkd-student-{cfg.data.dataset} v{student.registered_version}")
-    print(f"  checkpoints: {Path(storage) / name}-teacher, {Path(storage) / name}-student")
-    print(f"  evaluation files (results.jsonl, plots): {output}")
+    print(f"  checkpoints: {teacher.checkpoint}, {student.checkpoint}")
+    print(f"  evaluation files (results.jsonl, plots): {publish_evaluation(output, storage, name)}")
     uri = os.environ["MLFLOW_TRACKING_URI"]
     if uri.startswith("sqlite:"):
         print(f"  look at the runs: .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")

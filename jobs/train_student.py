@@ -38,7 +38,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_teacher(args, cfg, data_root, storage, name) -> tuple[str, Path | None]:
+def resolve_teacher(args, cfg, data_root, storage, name) -> tuple[str, str | None]:
     """(teacher reference, bank path if already known)."""
     from dkd_ray.stages import train_teacher_stage
     from dkd_ray.tracking import latest_registered, registered_model_name
@@ -69,25 +69,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from dkd_ray.eval.results import format_metrics_table
     from dkd_ray.models.loading import check_model_ref
-    from dkd_ray.stages import resolve_bank, train_student_stage
+    from dkd_ray.stages import evaluation_output, publish_evaluation, resolve_bank, train_student_stage
+    from dkd_ray.storage import absolute
+    from dkd_ray.storage import exists as storage_exists
 
     if args.teacher:  # a bad reference fails here, in a second, not in a worker after Ray started
         check_model_ref(args.teacher, "teacher")
-    if args.knowledge_bank and not Path(args.knowledge_bank).exists():
+    if args.knowledge_bank and not storage_exists(args.knowledge_bank):
         fail(f"--knowledge-bank {args.knowledge_bank}: no such file or folder")
     name = run_name(args, "student")
     claim_run_name(args, storage_of(args), name)  # before Ray: a name in use is refused at once
     data_root, storage = prepare_driver(args, cfg)
     teacher_ref, bank = resolve_teacher(args, cfg, data_root, storage, name)
     if args.knowledge_bank:
-        bank = Path(args.knowledge_bank)
+        bank = absolute(args.knowledge_bank)
     if cfg.distill.enabled and cfg.distill.use_bank and bank is None:
         bank = resolve_bank(cfg, teacher_ref, data_root, storage_path=storage, run_name=name)
-    output = Path(args.output_dir) if args.output_dir else Path(storage) / name / "evaluation"
+    output = evaluation_output(storage, name, args.output_dir)
     stage = train_student_stage(cfg, data_root, teacher_ref=teacher_ref, bank_path=bank, storage_path=storage,
                                 experiment=experiment_name(args, cfg), run_name=name, output_dir=output)
     print(format_metrics_table(stage.metrics))
-    print(f"student checkpoint: {stage.checkpoint}\nevaluation files:   {output}")
+    print(f"student checkpoint: {stage.checkpoint}\n"
+          f"evaluation files:   {publish_evaluation(output, storage, name, args.output_dir)}")
     print(f"MLflow run: {stage.run_id}  model: {stage.model_uri}  registered version: {stage.registered_version}")
     return 0
 

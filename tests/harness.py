@@ -83,9 +83,12 @@ def _wait_http(url: str, timeout_s: float, process: subprocess.Popen, headers: d
 class MlflowServer:
     """A real ``mlflow server`` on 127.0.0.1: SQLite store and proxied artifacts under ``root``."""
 
-    def __init__(self, root: str | os.PathLike, port: int | None = None, timeout_s: float = 120.0):
+    def __init__(self, root: str | os.PathLike, port: int | None = None, timeout_s: float = 120.0,
+                 artifacts_destination: str | None = None, env: dict[str, str] | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.artifacts_destination = artifacts_destination or str(self.root / "artifacts")
+        self.env = env  # e.g. an S3 server's AWS_* for an s3:// artifacts destination
         self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log = self.root / "mlflow-server.log"
@@ -96,10 +99,10 @@ class MlflowServer:
         command = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
                    "--workers", "1",
                    "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-                   "--artifacts-destination", str(self.root / "artifacts")]
+                   "--artifacts-destination", self.artifacts_destination]
         with open(self.log, "ab") as out:
-            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                            cwd=self.root, start_new_session=True)
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=self.root,
+                                            start_new_session=True, env={**os.environ, **(self.env or {})})
         try:
             _wait_http(f"{self.uri}/health", self.timeout_s, self.process, log=self.log)
         except BaseException:
@@ -119,14 +122,62 @@ class MlflowServer:
 
 
 @contextlib.contextmanager
-def mlflow_server(root: str | os.PathLike, timeout_s: float = 120.0) -> Iterator[MlflowServer]:
+def mlflow_server(root: str | os.PathLike, timeout_s: float = 120.0, artifacts_destination: str | None = None,
+                  env: dict[str, str] | None = None) -> Iterator[MlflowServer]:
     """Run ``mlflow server`` on a free 127.0.0.1 port for the ``with`` block; yields the server."""
-    server = MlflowServer(root, timeout_s=timeout_s)
+    server = MlflowServer(root, timeout_s=timeout_s, artifacts_destination=artifacts_destination, env=env)
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------------------------------- S3
+@dataclass
+class S3Server:
+    """moto's S3-compatible server on 127.0.0.1: what a MinIO or S3 endpoint is to the code."""
+
+    endpoint: str
+    process: subprocess.Popen
+    env: dict[str, str]  # the standard AWS_* variables that point every client at it
+
+    def create_bucket(self, name: str) -> str:
+        from pyarrow import fs
+
+        s3 = fs.S3FileSystem(endpoint_override=self.endpoint, access_key="testing", secret_key="testing",
+                             region="us-east-1", allow_bucket_creation=True)
+        s3.create_dir(name)
+        return f"s3://{name}"
+
+    def keys(self, prefix: str) -> list[str]:
+        """Every object key under ``s3://<prefix>`` (recursive)."""
+        from pyarrow import fs
+
+        s3 = fs.S3FileSystem(endpoint_override=self.endpoint, access_key="testing", secret_key="testing",
+                             region="us-east-1")
+        infos = s3.get_file_info(fs.FileSelector(prefix.removeprefix("s3://"), recursive=True, allow_not_found=True))
+        return sorted(i.path for i in infos if i.type == fs.FileType.File)
+
+
+@contextlib.contextmanager
+def s3_server(root: str | os.PathLike, timeout_s: float = 60.0) -> Iterator[S3Server]:
+    """``moto_server`` on a free 127.0.0.1 port for the ``with`` block (buckets in memory)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    log = root / "s3-server.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=out,
+                                   stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    try:
+        _wait_http(f"{endpoint}/moto-api/", timeout_s, process, log=log)
+        yield S3Server(endpoint, process, env)
+    finally:
+        _terminate(_descendants(process.pid), process)
 
 
 class TcpProxy:
@@ -227,8 +278,11 @@ class RayHead:
 
 @contextlib.contextmanager
 def ray_head(root: str | os.PathLike, token_auth: bool = True, num_cpus: int = 2,
-             object_store_mib: int = 200, timeout_s: float = 120.0) -> Iterator[RayHead]:
-    """Start a real Ray head (``ray start --head --block``) on 127.0.0.1, stop it on exit."""
+             object_store_mib: int = 200, timeout_s: float = 120.0,
+             env: dict[str, str] | None = None) -> Iterator[RayHead]:
+    """Start a real Ray head (``ray start --head --block``) on 127.0.0.1, stop it on exit.
+    ``env``: more environment for the head's processes (its workers inherit it)."""
+    extra_env = env
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     # Ray's unix sockets live under the temp dir and must stay below ~107 characters.
@@ -246,6 +300,7 @@ def ray_head(root: str | os.PathLike, token_auth: bool = True, num_cpus: int = 2
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     # Job entrypoints run `python ...` with the head's PATH: make that this venv's python.
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra_env or {})
     gcs_port, dashboard_port = free_port(), free_port()
     worker_ports = _free_port_range(64)
     command = [
@@ -279,6 +334,91 @@ def ray_head(root: str | os.PathLike, token_auth: bool = True, num_cpus: int = 2
     finally:
         _terminate(_descendants(process.pid), process)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@dataclass
+class RayNode:
+    """A second Ray node (``ray start --address``) of a ``ray_head`` cluster, on this machine."""
+
+    process: subprocess.Popen
+    temp_dir: Path
+    log: Path
+    node_id: str = ""
+
+    def kill(self) -> None:
+        """SIGKILL its raylet and every worker it started: the node is lost, not stopped."""
+        for pid in _descendants(self.process.pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def ray_node(head: RayHead, root: str | os.PathLike, num_cpus: int = 1, resources: dict[str, float] | None = None,
+             timeout_s: float = 120.0, env: dict[str, str] | None = None) -> Iterator[RayNode]:
+    """Join a worker node to ``head`` for the ``with`` block; waits until the GCS lists it alive.
+    ``env``: more environment for the node's processes (its workers inherit it)."""
+    extra_env = env
+    import json
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    temp_dir = Path(tempfile.mkdtemp(prefix="rayn-", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+    env.update(head.env, RAY_USAGE_STATS_ENABLED="0", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    # The head keeps to 127.0.0.1 with Ray's single-node switch (see ray_head), which also stops
+    # nodes from joining. This node lifts it, takes another loopback address (127.0.0.2) and
+    # keeps Ray from swapping the head's 127.0.0.1 for the machine's address (sitecustomize).
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
+    env["DKD_LOOPBACK_NODE"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent / "loopback_node"),
+                                                      env.get("PYTHONPATH")]))
+    env.update(extra_env or {})
+    worker_ports = _free_port_range(32)
+    command = [str(BIN / "ray"), "start", "--address", head.gcs_address, "--block", "--disable-usage-stats",
+               "--node-ip-address", "127.0.0.2", "--num-cpus", str(num_cpus), "--num-gpus", "0",
+               "--object-store-memory", str(100 * 2**20), "--temp-dir", str(temp_dir),
+               "--resources", json.dumps(resources or {}),
+               "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+               "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
+               "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+               "--min-worker-port", str(worker_ports[0]), "--max-worker-port", str(worker_ports[-1])]
+    log = root / "ray-node.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root,
+                                   start_new_session=True)
+    node = RayNode(process, temp_dir, log)
+    try:
+        node.node_id = _wait_for_node(head, "127.0.0.2", timeout_s, process, log)
+        yield node
+    finally:
+        _terminate(_descendants(process.pid), process)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+_WAIT_FOR_NODE = """
+import json, sys, time, ray
+ray.init(address=sys.argv[1], logging_level="ERROR")
+deadline = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < deadline:
+    alive = [n for n in ray.nodes() if n["Alive"] and n["NodeManagerAddress"] == sys.argv[2]]
+    if alive:
+        print(alive[0]["NodeID"])
+        break
+    time.sleep(0.5)
+"""
+
+
+def _wait_for_node(head: RayHead, address: str, timeout_s: float, process: subprocess.Popen, log: Path) -> str:
+    """The id of the node at ``address`` once the GCS lists it alive (asked from a client process)."""
+    probe = subprocess.run([sys.executable, "-c", _WAIT_FOR_NODE, head.gcs_address, address, str(timeout_s)],
+                           env=head.client_env(), capture_output=True, text=True, timeout=timeout_s + 60)
+    node_id = probe.stdout.strip().splitlines()[-1] if probe.stdout.strip() else ""
+    if not node_id or process.poll() is not None:
+        raise RuntimeError(f"the Ray node at {address} did not join {head.gcs_address}: {probe.stderr[-2000:]}\n"
+                           f"{log.read_text(errors='replace')[-3000:]}")
+    return node_id
 
 
 def _free_port_range(size: int) -> list[int]:

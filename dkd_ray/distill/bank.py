@@ -166,7 +166,12 @@ class KnowledgeBank:
         warning. ``num_classes``: the run's number of training identities; a bank whose logits
         cover another number raises ``BankMismatchError``.
         """
-        path = Path(path)
+        from dkd_ray.storage import localize
+
+        try:  # on object storage: read from this node's copy (downloaded once, then memory-mapped)
+            path = localize(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"knowledge bank not found: {os.fspath(path)}") from None
         files = _bank_files(path)
         tables, metadata = [], None
         for file in files:

@@ -26,6 +26,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from dkd_ray.storage import filesystem
+
 from .embed import FRAME_MARKER, GalleryEmbedder, empty_table, model_digest, scene_sizes
 from .errors import IndexMismatchError
 from .sources import Source, frames
@@ -33,14 +35,6 @@ from .sources import Source, frames
 log = logging.getLogger(__name__)
 INDEX_FILE = "index.json"
 FORMAT_VERSION = 1
-
-
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """``(filesystem, path)`` of a local folder or an object-store URI (credentials and endpoint
-    from the standard environment, e.g. ``AWS_*``)."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
-    return pafs.FileSystem.from_uri(uri)
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Build and load the project's models from any reference: an MLflow model URI, a run id, an
-MLflow model folder or a training checkpoint. Weights are always read with ``weights_only=True``
+MLflow model folder or a training checkpoint (a folder, or its URI on object storage). Weights are always read with ``weights_only=True``
 and the architecture is rebuilt from the stored config (never unpickled).
 
 A model *spec* is the small dict stored beside the weights: ``{"role": "teacher"|"student",
@@ -68,8 +68,16 @@ def load_model(ref: str | os.PathLike, *, role: str | None = None, map_location:
                uri: str | None = None) -> nn.Module:
     """A teacher or student in eval mode from ``ref`` (see the module docstring).
     ``role`` checks that the reference holds the expected kind of model."""
+    from dkd_ray import storage
     from dkd_ray.train.checkpoint import STATE_FILE, load_checkpoint
 
+    if storage.is_remote(ref):  # a checkpoint on object storage: this node's cached copy
+        try:
+            ref = storage.localize(ref)
+        except FileNotFoundError as error:
+            from dkd_ray.tracking import ModelNotFoundError
+
+            raise ModelNotFoundError(f"{os.fspath(ref)}: {error}") from None
     path = Path(os.fspath(ref)).expanduser()
     if path.exists() and (path.is_file() or (path / STATE_FILE).is_file()):
         state = load_checkpoint(path, map_location=map_location)
@@ -102,6 +110,7 @@ def check_model_ref(ref: str | os.PathLike, role: str, *, uri: str | None = None
     model: a local checkpoint or model folder is loaded (cheap, and it finds an empty or corrupt
     one); an MLflow reference is looked up without downloading it. Raises ``ModelNotFoundError``
     naming the reference."""
+    from dkd_ray import storage
     from dkd_ray.errors import InputError
     from dkd_ray.tracking import ModelNotFoundError
     from dkd_ray.tracking.loading import check_model_uri
@@ -110,6 +119,13 @@ def check_model_ref(ref: str | os.PathLike, role: str, *, uri: str | None = None
     if not text.strip():
         raise ModelNotFoundError(f"empty {role} reference")
     path = Path(text).expanduser()
+    if storage.is_remote(text):
+        from dkd_ray.train.checkpoint import STATE_FILE
+
+        if not (storage.is_dir(text) and storage.exists(storage.join(text, STATE_FILE))) \
+                and not (text.endswith(".pt") and storage.exists(text)):
+            raise ModelNotFoundError(f"{text}: no checkpoint there (no {STATE_FILE})")
+        return
     if "://" in text or not path.exists():
         check_model_uri(text, uri)
         return

@@ -62,12 +62,14 @@ def crown(champion: TrialSummary, cfg: Config, settings: dict[str, Any], *, data
           storage_path: str, output_dir: Path) -> dict[str, Any]:
     """Evaluate ``champion`` on the test protocol, log and register it; returns what was done."""
     from dkd_ray.data import load_annotations
-    from dkd_ray.stages import StageResult, _layout, evaluate_model_stage, log_teacher_model, report_student
+    from dkd_ray import storage
+    from dkd_ray.stages import (StageResult, _layout, evaluate_model_stage, evaluation_folder, log_teacher_model,
+                                report_student)
     from dkd_ray.tracking import Tracker
     from dkd_ray.train.evaluation import EvaluationArrays
 
     role = "teacher" if settings["stage"] == "teacher" else "student"
-    if not champion.checkpoint or not Path(champion.checkpoint).is_dir():
+    if not champion.checkpoint or not storage.is_dir(champion.checkpoint):
         raise RuntimeError(f"the champion trial {champion.trial_id} has no final checkpoint folder "
                            f"({champion.checkpoint!r}); the sweep needs storage that the driver can read")
     log.info("champion: trial %s (%s = %.4f); evaluating it on the test protocol", champion.trial_id,
@@ -76,7 +78,7 @@ def crown(champion: TrialSummary, cfg: Config, settings: dict[str, Any], *, data
                                               run_name=f"{settings['name']}-champion-{champion.trial_id}")
     tracker = Tracker(cfg.data.dataset, "tune_trial", experiment=settings["experiment"], uri=settings["tracking_uri"],
                       run_id=champion.run_id or None)
-    stage = StageResult(role, Path(champion.checkpoint), {}, run_id=champion.run_id)
+    stage = StageResult(role, champion.checkpoint, {}, run_id=champion.run_id)
     if role == "teacher":
         stage.metrics = {k: v for k, v in metrics.items() if k.startswith("teacher_gt/")}
         tracker.log_metrics(stage.metrics)
@@ -84,7 +86,7 @@ def crown(champion: TrialSummary, cfg: Config, settings: dict[str, Any], *, data
                           alias=ALIAS)
     else:
         annotations = load_annotations(_layout(cfg), data_root, box_rule=cfg.data.box_rule)
-        report_student(stage, cfg, annotations, EvaluationArrays.load(evaluated / "evaluation"),
+        report_student(stage, cfg, annotations, EvaluationArrays.load(evaluation_folder(evaluated)),
                        settings.get("teacher_ref", ""), tracker, output_dir, alias=ALIAS)
     tracker.end()
     return {"trial_id": champion.trial_id, "run_id": champion.run_id, "checkpoint": champion.checkpoint,

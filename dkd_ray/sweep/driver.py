@@ -23,7 +23,7 @@ from typing import Any
 
 from dkd_ray.config import Config
 from dkd_ray.search_space import SearchSpace
-from dkd_ray.sweep import storage
+from dkd_ray import storage
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from ray import tune
 
-from dkd_ray.sweep import storage
+from dkd_ray import storage
 from dkd_ray.tracking import Tracker
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import pickle
 
 from ray.tune.schedulers import ASHAScheduler
 
-from dkd_ray.sweep import storage
+from dkd_ray import storage
 
 
 class ResumableASHA(ASHAScheduler):

@@ -5,19 +5,19 @@ pipeline id) of the job that trains into that folder, the driver's host and pid,
 state (running, finished, failed, killed). It is what lets ``--resume`` continue the *same* MLflow
 run after a lost driver instead of opening a second one, and what lets the next driver start mark
 a run whose driver died (SIGKILL, a lost node: nothing could say so then) KILLED instead of
-leaving it RUNNING forever. Written atomically; a folder on object storage has no record (the
-cluster's shared-disk layout is the one these files serve).
+leaving it RUNNING forever. Written atomically, on the run's storage whatever it is (a folder,
+NFS, ``s3://``), so a driver on another machine finds it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 import time
-from pathlib import Path
 from typing import Any
+
+from dkd_ray import storage as store
 
 from .redaction import redact_uri
 
@@ -27,37 +27,29 @@ RECORD_FILE = "mlflow_run.json"
 LIVE = "running"
 
 
-def _record_path(storage: str | os.PathLike, name: str) -> Path | None:
-    text = os.fspath(storage)
-    return None if "://" in text else Path(text) / name / RECORD_FILE
+def _record_uri(storage: str | os.PathLike, name: str) -> str:
+    return store.join(store.absolute(storage), name, RECORD_FILE)
 
 
 def read_record(storage: str | os.PathLike, name: str) -> dict[str, Any] | None:
-    path = _record_path(storage, name)
-    if path is None or not path.is_file():
-        return None
+    uri = _record_uri(storage, name)
     try:
-        record = json.loads(path.read_text())
+        record = store.read_json(uri)
     except (OSError, ValueError) as error:
-        log.warning("%s is unreadable (%s): the run's MLflow link is lost; a new MLflow run is opened", path, error)
+        log.warning("%s is unreadable (%s): the run's MLflow link is lost; a new MLflow run is opened", uri, error)
         return None
     return record if isinstance(record, dict) else None
 
 
 def write_record(storage: str | os.PathLike, name: str, **facts: Any) -> None:
     """Merge ``facts`` into the record (created if missing); never fatal."""
-    path = _record_path(storage, name)
-    if path is None:
-        return
+    uri = _record_uri(storage, name)
     record = read_record(storage, name) or {}
     record.update({k: v for k, v in facts.items() if v is not None}, updated=time.time())
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, path)
+        store.write_json(uri, record)
     except OSError as error:
-        log.warning("could not write %s (%s): a resumed job will open a new MLflow run", path, error)
+        log.warning("could not write %s (%s): a resumed job will open a new MLflow run", uri, error)
 
 
 def claim(storage: str | os.PathLike, name: str, *, run_id: str | None, uri: str, experiment: str | None,
@@ -91,13 +83,15 @@ def reap_lost_drivers(storage: str | os.PathLike, uri: str) -> list[str]:
     """Mark KILLED the MLflow runs of run folders in ``storage`` whose driver died while running
     (state still ``running``, its pid gone from this host). Returns the run names marked. Never
     fatal: an unreachable server leaves them for the next start."""
-    text = os.fspath(storage)
-    if "://" in text or not Path(text).is_dir():
+    text = store.absolute(storage)
+    try:
+        names = store.list_dir(text)
+    except OSError as error:
+        log.warning("could not list %s (%s): lost drivers are looked for at the next start", text, error)
         return []
     marked = []
-    for path in sorted(Path(text).glob(f"*/{RECORD_FILE}")):
-        name = path.parent.name
-        record = read_record(text, name)
+    for name in names:
+        record = read_record(text, name) if store.exists(_record_uri(text, name)) else None
         if not record or record.get("state") != LIVE or _driver_alive(record) or not record.get("run_id"):
             continue
         try:

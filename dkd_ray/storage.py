@@ -1,0 +1,170 @@
+"""One file-system layer for what lives under ``--storage-path``: a local folder, an NFS mount or
+an object store (``s3://``, ``gs://``, ``abfs://``, ``hdfs://``), through ``pyarrow.fs``, the layer
+Ray Train itself writes its checkpoints with. Credentials and endpoints come from the standard
+environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL`` for
+S3-compatible stores such as MinIO, ``GOOGLE_APPLICATION_CREDENTIALS``, ...); nothing here logs
+them.
+
+Workers and drivers pass each other *references* (a path or a URI), never copies on one node's
+disk. A process that needs the bytes of a remote checkpoint or knowledge bank calls
+``localize``: it downloads the folder once per node into a cache (atomically, so a download cut
+short is never used) and returns the local copy. Checkpoints are immutable once Ray Train has
+registered them, so a cached copy never goes stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# URI schemes pyarrow.fs resolves; MLflow's models:/ and runs:/ are not storage.
+OBJECT_STORE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs")
+
+
+def is_remote(ref: str | os.PathLike) -> bool:
+    """True for an object-store URI (``s3://bucket/key``), False for a local path."""
+    text = os.fspath(ref)
+    return "://" in text and text.split("://", 1)[0].lower() in (*OBJECT_STORE_SCHEMES, "file")
+
+
+def absolute(ref: str | os.PathLike) -> str:
+    """``ref`` as every node reads it: a URI unchanged, a local path made absolute."""
+    text = os.fspath(ref)
+    return text if "://" in text else str(Path(text).expanduser().resolve())
+
+
+def join(storage: str | os.PathLike, *parts: str) -> str:
+    storage = os.fspath(storage)
+    if "://" in storage:
+        return "/".join([storage.rstrip("/"), *parts])
+    return str(Path(storage, *parts))
+
+
+def filesystem(uri: str | os.PathLike):
+    """``(pyarrow filesystem, path within it)`` of a local path or an object-store URI."""
+    from pyarrow import fs
+
+    text = os.fspath(uri)
+    if "://" not in text:
+        return fs.LocalFileSystem(), str(Path(text).expanduser().resolve())
+    return fs.FileSystem.from_uri(text)
+
+
+def exists(uri: str | os.PathLike) -> bool:
+    from pyarrow import fs
+
+    filesystem_, path = filesystem(uri)
+    return filesystem_.get_file_info(path).type != fs.FileType.NotFound
+
+
+def is_dir(uri: str | os.PathLike) -> bool:
+    from pyarrow import fs
+
+    filesystem_, path = filesystem(uri)
+    return filesystem_.get_file_info(path).type == fs.FileType.Directory
+
+
+def list_dir(uri: str | os.PathLike) -> list[str]:
+    """Names of the entries directly under ``uri`` (sorted; empty when it is no folder)."""
+    from pyarrow import fs
+
+    filesystem_, path = filesystem(uri)
+    if filesystem_.get_file_info(path).type != fs.FileType.Directory:
+        return []
+    return sorted(info.base_name for info in filesystem_.get_file_info(fs.FileSelector(path)))
+
+
+def read_bytes(uri: str | os.PathLike) -> bytes | None:
+    """The file at ``uri``, or None when there is none."""
+    from pyarrow import fs
+
+    filesystem_, path = filesystem(uri)
+    if filesystem_.get_file_info(path).type != fs.FileType.File:
+        return None
+    with filesystem_.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
+    """Write atomically where the file system allows it (write aside, then move; an object store
+    makes a single PUT visible only once complete)."""
+    filesystem_, path = filesystem(uri)
+    filesystem_.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    staging = f"{path}.tmp{os.getpid()}"
+    with filesystem_.open_output_stream(staging) as stream:
+        stream.write(data)
+    filesystem_.move(staging, path)
+
+
+def read_json(uri: str | os.PathLike) -> dict[str, Any] | None:
+    data = read_bytes(uri)
+    return None if data is None else json.loads(data.decode())
+
+
+def write_json(uri: str | os.PathLike, data: dict[str, Any]) -> None:
+    write_bytes(uri, json.dumps(data, indent=2, sort_keys=True).encode())
+
+
+def upload_dir(local: Path, uri: str) -> None:
+    """Copy a local folder to ``uri`` (a no-op when it is the same folder)."""
+    from pyarrow import fs
+
+    filesystem_, path = filesystem(uri)
+    if "://" not in uri and Path(path) == Path(local).resolve():
+        return
+    filesystem_.create_dir(path, recursive=True)
+    fs.copy_files(str(local), path, destination_filesystem=filesystem_)
+
+
+def cache_dir() -> Path:
+    """Where this node keeps downloaded checkpoints and banks: ``DKD_CACHE_DIR``, else
+    ``~/.cache/dkd-ray/storage``."""
+    return Path(os.environ.get("DKD_CACHE_DIR") or Path.home() / ".cache" / "dkd-ray" / "storage")
+
+
+def localize(ref: str | os.PathLike) -> Path:
+    """A local path holding ``ref``: the path itself when local, else this node's cached copy of
+    the remote file or folder (downloaded on first use). Raises ``FileNotFoundError`` naming the
+    URI when nothing is there."""
+    from pyarrow import fs
+
+    text = os.fspath(ref)
+    if not is_remote(text):
+        return Path(text).expanduser()
+    filesystem_, path = filesystem(text)
+    kind = filesystem_.get_file_info(path).type
+    if kind == fs.FileType.NotFound:
+        raise FileNotFoundError(f"nothing at {text}")
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    # The endpoint is part of the key: one bucket name on two S3-compatible servers is two things.
+    key = f"{os.environ.get('AWS_ENDPOINT_URL_S3') or os.environ.get('AWS_ENDPOINT_URL', '')} {text.rstrip('/')}"
+    target = cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}-{name}"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        log.info("downloading %s to %s", text, target)
+        local = fs.LocalFileSystem()
+        if kind == fs.FileType.Directory:
+            (staging / name).mkdir()  # copy_files creates subfolders, not the destination itself
+            fs.copy_files(path, str(staging / name), source_filesystem=filesystem_, destination_filesystem=local)
+        else:
+            with filesystem_.open_input_stream(path) as source, open(staging / name, "wb") as sink:
+                shutil.copyfileobj(source, sink, length=8 << 20)
+        try:
+            os.rename(staging / name, target)  # atomic: a copy cut short is never found
+        except OSError:
+            if not target.exists():  # another process of this node finished first otherwise
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

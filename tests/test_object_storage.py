@@ -1,0 +1,186 @@
+"""Object storage as the only storage (issue: clusters without a shared file system).
+
+An S3-compatible server (moto) on 127.0.0.1 stands in for S3/MinIO; clients find it through the
+standard ``AWS_*`` variables, as on a cluster. One server serves the whole module."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.harness import mlflow_server, ray_head, ray_node, s3_server, submit_job
+from tests.tiny import TINY_OVERRIDES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    with s3_server(tmp_path_factory.mktemp("s3")) as server:
+        saved = {k: os.environ.get(k) for k in server.env}
+        os.environ.update(server.env)
+        try:
+            yield server
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+@pytest.fixture
+def bucket(s3, request) -> str:
+    name = "t-" + "".join(c for c in request.node.name.lower() if c.isalnum())[:40]
+    return s3.create_bucket(name)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    folder = tmp_path / "node-cache"
+    monkeypatch.setenv("DKD_CACHE_DIR", str(folder))
+    return folder
+
+
+def test_storage_layer_reads_writes_lists_and_localizes_a_folder_once(bucket, cache, tmp_path):
+    from dkd_ray import storage
+
+    storage.write_json(f"{bucket}/runs/a/record.json", {"state": "running"})
+    assert storage.read_json(f"{bucket}/runs/a/record.json") == {"state": "running"}
+    assert storage.read_json(f"{bucket}/runs/b/record.json") is None
+    assert storage.list_dir(f"{bucket}/runs") == ["a"] and storage.is_dir(f"{bucket}/runs/a")
+
+    local = tmp_path / "checkpoint"
+    (local / "bank").mkdir(parents=True)
+    (local / "state.pt").write_bytes(b"\0" * 1000)
+    (local / "bank" / "part.parquet").write_bytes(b"parquet")
+    storage.upload_dir(local, f"{bucket}/ckpt/checkpoint_000002")
+    copy = storage.localize(f"{bucket}/ckpt/checkpoint_000002")
+    assert copy.is_relative_to(cache)
+    assert (copy / "state.pt").read_bytes() == b"\0" * 1000 and (copy / "bank" / "part.parquet").read_bytes() == b"parquet"
+    assert storage.localize(f"{bucket}/ckpt/checkpoint_000002/") == copy  # cached: one download per node
+    assert [p.name for p in cache.iterdir()] == [copy.name]  # no half-finished staging folder left
+    assert storage.localize(local) == local  # a local path is used in place
+    with pytest.raises(FileNotFoundError, match="checkpoint_000009"):
+        storage.localize(f"{bucket}/ckpt/checkpoint_000009")
+
+
+def test_run_records_live_on_object_storage_and_a_lost_driver_is_reaped_there(bucket, tmp_path):
+    from mlflow import MlflowClient
+
+    from dkd_ray.tracking.run_record import claim, read_record, reap_lost_drivers, write_record
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("e"))
+    storage = f"{bucket}/runs"
+    claim(storage, "student-1", run_id=run.info.run_id, uri=uri, experiment="e", pipeline_id="p")
+    assert read_record(storage, "student-1")["run_id"] == run.info.run_id
+    assert reap_lost_drivers(storage, uri) == []  # this process is alive
+    write_record(storage, "student-1", pid=2**22 + 12345)  # a pid that no process has
+    assert reap_lost_drivers(storage, uri) == ["student-1"]
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+    assert read_record(storage, "student-1")["state"] == "killed"
+
+
+def test_a_checkpoint_and_its_bank_load_straight_from_their_uri(bucket, cache, tiny_teacher):
+    from dkd_ray import storage
+    from dkd_ray.distill.bank import KnowledgeBank
+    from dkd_ray.models.loading import check_model_ref, load_model
+    from dkd_ray.tracking import ModelNotFoundError
+
+    uri = f"{bucket}/teachers/{tiny_teacher.name}"
+    storage.upload_dir(tiny_teacher, uri)
+    remote, local = load_model(uri, role="teacher"), load_model(tiny_teacher, role="teacher")
+    for (name, a), (_, b) in zip(remote.state_dict().items(), local.state_dict().items()):
+        assert torch.equal(a, b), name
+    banks = KnowledgeBank.load(f"{uri}/bank"), KnowledgeBank.load(tiny_teacher / "bank")
+    assert np.array_equal(banks[0].embedding.numpy(), banks[1].embedding.numpy()) and len(banks[0]) > 0
+    check_model_ref(uri, "teacher")  # found without downloading
+    with pytest.raises(ModelNotFoundError, match="no checkpoint there"):
+        check_model_ref(f"{bucket}/teachers/nothing-here", "teacher")
+
+
+@pytest.mark.slow
+def test_student_job_on_two_nodes_with_only_object_storage(s3, bucket, tiny_cuhk, tiny_teacher, tmp_path):
+    """`ray job submit` to a token-authenticated cluster of two Ray nodes (a head and a node joined
+    with `ray start --address`), an MLflow server whose artifacts go to the bucket, the teacher
+    given as an s3:// checkpoint, --storage-path s3://: the student's two DDP workers (one per
+    node) are handed URIs only, read the teacher's bank from the bucket, checkpoint there and
+    survive a killed worker by resuming from the bucket; the evaluation files, the run record and
+    the model land in the bucket, nothing on a local storage folder; the run's params, metrics
+    (the two-step reference too) and artifacts are in MLflow, and the registered model loads
+    back with the checkpoint's weights."""
+    from mlflow import MlflowClient
+
+    from dkd_ray import storage
+    from dkd_ray.eval.pipeline import headline_prefix
+    from dkd_ray.models.loading import load_model
+
+    teacher = f"{bucket}/teachers/tiny"
+    storage.upload_dir(tiny_teacher, teacher)
+    trace, marker = tmp_path / "trace.txt", tmp_path / "killed"
+    cache = tmp_path / "node-cache"  # both nodes are on this machine: one disk, so one cache folder
+    with mlflow_server(tmp_path / "mlflow", artifacts_destination=f"{bucket}/mlflow", env=s3.env) as server:
+        with ray_head(tmp_path / "ray", num_cpus=1, env={**s3.env, "DKD_CACHE_DIR": str(cache)}) as head, \
+                ray_node(head, tmp_path / "node", num_cpus=1, env={**s3.env, "DKD_CACHE_DIR": str(cache)}):
+            args = [sys.executable, str(ROOT / "jobs" / "train_student.py"), "--data-root", str(tiny_cuhk),
+                    "--teacher", teacher, "--num-workers", "2", "--max-iters", "4",
+                    "--storage-path", f"{bucket}/runs", "--run-name", "student-s3",
+                    "--set", "train.checkpoint_every_iters=2"]
+            for override in TINY_OVERRIDES:
+                args += ["--set", override]
+            env_vars = {"MLFLOW_TRACKING_URI": server.uri, "DKD_TRACE_FILE": str(trace),
+                        "DKD_KILL_AT_ITERATION": "3", "DKD_KILL_MARKER": str(marker)}
+            result = submit_job(head.dashboard_url, args, head.client_env(), timeout_s=900,
+                                extra_args=["--runtime-env-json", json.dumps({"env_vars": env_vars})])
+        assert result.status == "SUCCEEDED", result.submit_output + result.logs[-6000:]
+        placed = [line for line in result.logs.splitlines() if "world_rank=" in line]
+        assert any("ip=127.0.0.2" in line for line in placed) and any("ip=127.0.0.1" in line for line in placed), \
+            placed or result.logs[-6000:]  # one worker on each node
+
+        # Rank 0 died right after iteration 3; Ray restarted both workers from the checkpoint of
+        # iteration 2 in the bucket, so iteration 3 ran again on the same batch and went on to 4.
+        assert marker.exists()
+        lineage = [line.split() for line in trace.read_text().splitlines()]
+        assert [int(i) for i, _ in lineage] == [1, 2, 3, 3, 4] and lineage[2] == lineage[3], lineage
+        fetched = {p.name.split("-", 1)[1] for p in cache.iterdir()}
+        assert {"bank", "evaluation"} <= fetched, fetched  # read from the bucket into the nodes' cache
+        keys = s3.keys(f"{bucket.removeprefix('s3://')}/runs/student-s3")
+        assert any(k.endswith("_i0000004/state.pt") for k in keys), keys  # the final checkpoint
+        assert any(k.endswith("/evaluation/metrics.json") for k in keys), keys
+        assert any(k.endswith("/mlflow_run.json") for k in keys), keys
+        assert not (tmp_path / "runs").exists() and not Path("runs", "student-s3").exists()
+
+        client = MlflowClient(server.uri, server.uri)  # the registry too: earlier tests set a process-wide one
+        runs = client.search_runs([client.get_experiment_by_name("dkd-ray/synthetic").experiment_id],
+                                  "tags.job = 'train_student'")
+        assert len(runs) == 1
+        run = runs[0]
+        assert run.info.status == "FINISHED" and run.data.tags["checkpoint"].startswith(f"{bucket}/runs/student-s3/")
+        assert run.data.params["student.batch_size"] == "2" and run.data.params["distill.enabled"] == "True"
+        assert not any("testing" in str(v) for v in run.data.params.values())  # no credential reached MLflow
+        for key in ("cuhk_sysu/g5/mAP", "cuhk_sysu/full/top1", "det/ap", "two_step/cuhk_sysu/g5/mAP",
+                    "train/loss_kd_tri"):
+            assert key in run.data.metrics, key
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+        assert {"evaluation/metrics.json", "evaluation/results.jsonl", "evaluation/cmc.png"} <= artifacts
+        artifact_keys = s3.keys(f"{bucket.removeprefix('s3://')}/mlflow")
+        assert any(k.endswith("/evaluation/metrics.json") for k in artifact_keys), "artifacts are not in S3"
+
+        version = client.get_model_version("dkd-student-synthetic", "1")
+        assert version.run_id == run.info.run_id and version.tags["dataset"] == "synthetic"
+        head_key = headline_prefix(run.data.metrics, "cuhk_sysu")
+        assert head_key == "cuhk_sysu/g10"  # the tiny data's largest gallery (no TestG100)
+        assert float(version.tags["mAP"]) == pytest.approx(run.data.metrics[f"{head_key}/mAP"], abs=1e-4)
+        assert float(version.tags["top1"]) == pytest.approx(run.data.metrics[f"{head_key}/top1"], abs=1e-4)
+        model = load_model("models:/dkd-student-synthetic/1", role="student", uri=server.uri)
+    stored = load_model(run.data.tags["checkpoint"], role="student")
+    for (name, a), (_, b) in zip(model.state_dict().items(), stored.state_dict().items()):
+        assert torch.equal(a, b), name
