@@ -232,7 +232,8 @@ def test_resumed_ray_job_skips_a_truncated_newest_checkpoint(tiny_cuhk, tmp_path
     """The teacher job on a real local Ray cluster, 2 DDP workers (rank 0 chooses the checkpoint,
     rank 1 follows). A worker dies after iteration 3 (the run fails: no retries), the newest
     checkpoint's state.pt is then cut short (its copy killed half way); ``--resume`` resumes from
-    iteration 1, not from the broken iteration 2, and trains iterations 2 and 3."""
+    iteration 1, not from the broken iteration 2, trains iterations 2 and 3, and finishes the
+    MLflow run the failed job had left FAILED."""
     storage = tmp_path / "runs"
     trace = tmp_path / "trace.txt"
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "DKD_TRACE_FILE": str(trace),
@@ -265,3 +266,12 @@ def test_resumed_ray_job_skips_a_truncated_newest_checkpoint(tiny_cuhk, tmp_path
     # rank 0's "<iteration> <batch>" per step: iteration 2 again (its checkpoint was lost), then 3
     assert [line.split()[0] for line in trace.read_text().splitlines()] == ["2", "3"]
     assert load_checkpoint(checkpoint_folders(storage / "integrity")[0]).iteration == 3
+
+    # One MLflow run for the run folder: the failed job left it FAILED, the resumed one continued it.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("dkd-ray/synthetic")
+    runs = client.search_runs([experiment.experiment_id], "attributes.run_name = 'integrity'")
+    assert [r.info.status for r in runs] == ["FINISHED"], [(r.info.run_id, r.info.status) for r in runs]
+    assert "failure" in runs[0].data.tags  # what ended the first job stays on record
