@@ -139,6 +139,10 @@ class TrainConfig:
     amp: bool = True  # autocast + GradScaler on CUDA; ignored on CPU
     cpus_per_worker: int = 1
     checkpoint_every_iters: int = 500
+    # "async": Ray Train uploads each checkpoint in the background and training goes on (it is
+    # registered, and so resumable, only once its upload finished: a crash during an upload
+    # resumes from the one before); "sync": training waits for the upload.
+    checkpoint_upload: str = "async"
     eval_every_epochs: int = 0  # 0: only at the end
     log_every_iters: int = 20
     max_failures: int = 3
@@ -240,6 +244,8 @@ class Config:
         _check(t.epoch_unit in ("crops", "identities"), "teacher.epoch_unit", t.epoch_unit, "crops or identities")
         _check(0.0 <= t.random_erasing <= 1.0, "teacher.random_erasing", t.random_erasing, "in [0, 1]")
         _check(t.pad >= 0, "teacher.pad", t.pad, ">= 0")
+        _check(self.train.checkpoint_upload in ("sync", "async"), "train.checkpoint_upload",
+               self.train.checkpoint_upload, "sync or async")
         _check(s.norm in ("batch", "frozen"), "student.norm", s.norm, "batch or frozen")
         _check(s.oim_update in ("sample", "mean"), "student.oim_update", s.oim_update, "sample or mean")
         _check(s.warmup_epochs >= 0, "student.warmup_epochs", s.warmup_epochs, ">= 0")
@@ -340,6 +346,7 @@ def _cpu_small(cfg: Config) -> Config:
     # random init, lambda_prob = 1 at T = 4 swamps OIM (val mAP 8.1 %), 0.1 gives 15.4 %.
     cfg.distill.prob_weight = 0.1
     cfg.train.checkpoint_every_iters = 50
+    cfg.train.checkpoint_upload = "sync"  # small checkpoints; a crash right after a report resumes from it
     cfg.train.log_every_iters = 10
     return cfg
 

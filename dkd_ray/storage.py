@@ -153,13 +153,14 @@ def localize(ref: str | os.PathLike) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         log.info("downloading %s to %s", text, target)
-        local = fs.LocalFileSystem()
         if kind == fs.FileType.Directory:
-            (staging / name).mkdir()  # copy_files creates subfolders, not the destination itself
-            fs.copy_files(path, str(staging / name), source_filesystem=filesystem_, destination_filesystem=local)
+            # One streamed GET per file: copy_files' ranged 1 MiB reads are several times slower.
+            selector = fs.FileSelector(path, recursive=True)
+            for info in filesystem_.get_file_info(selector):
+                if info.type == fs.FileType.File:
+                    _download(filesystem_, info.path, staging / name / info.path[len(path):].lstrip("/"))
         else:
-            with filesystem_.open_input_stream(path) as source, open(staging / name, "wb") as sink:
-                shutil.copyfileobj(source, sink, length=8 << 20)
+            _download(filesystem_, path, staging / name)
         try:
             os.rename(staging / name, target)  # atomic: a copy cut short is never found
         except OSError:
@@ -168,3 +169,9 @@ def localize(ref: str | os.PathLike) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _download(filesystem_, path: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with filesystem_.open_input_stream(path) as source, open(target, "wb") as sink:
+        shutil.copyfileobj(source, sink, length=8 << 20)

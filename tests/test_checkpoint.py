@@ -6,13 +6,15 @@ import json
 import os
 import pickle
 import random
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from dkd_ray.config import preset
+from dkd_ray.config import ConfigError, preset
 from dkd_ray.train import checkpoint as ckpt
 from dkd_ray.train.checkpoint import (CheckpointError, TrainingState, load_checkpoint, read_meta,
                                       restore_rank_rng, save_checkpoint, save_rank_rng, unwrap_model)
@@ -185,7 +187,7 @@ class _SharedFolderSession:
     def latest_checkpoint(self):
         return self.root / "latest" if (self.root / "latest").exists() else None
 
-    def report(self, metrics, checkpoint_dir=None, name=None):
+    def report(self, metrics, checkpoint_dir=None, name=None, background=False):
         import shutil
 
         if checkpoint_dir is not None:
@@ -211,3 +213,57 @@ def test_each_rank_resumes_its_own_rng_stream(tmp_path):
         run.resume()
         assert _draws() == streams[rank], f"rank {rank} did not get its own stream back"
     assert streams[0] != streams[1]
+
+
+class _FakeRayTrain:
+    """What ``RaySession`` calls of ``ray.train``: records each report's arguments and whether
+    its folder still existed when the (background) upload would read it."""
+
+    from ray.train import Checkpoint, CheckpointUploadMode
+
+    def __init__(self):
+        self.calls = []
+
+    def report(self, metrics, checkpoint=None, **kwargs):
+        self.calls.append((metrics, checkpoint, kwargs))
+
+
+def _ray_session(fake, rank=0):
+    from dkd_ray.train.session import RaySession
+
+    session = RaySession.__new__(RaySession)  # no Ray Train context here: wire in the fake
+    session._train, session.rank, session.world_size, session.local_rank = fake, rank, 1, 0
+    session.run_dir, session.run_name, session._restored = None, "run", None
+    return session
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_checkpoint_upload_mode_reaches_ray_train_and_the_folder_outlives_an_async_report(tmp_path, mode):
+    """``train.checkpoint_upload=async``: the report asks Ray Train for its asynchronous upload
+    (Ray deletes the folder once uploaded) and the folder is left for it; ``sync``: a plain
+    report, and the folder is removed once the report returned (Ray has copied it by then)."""
+    from ray.train import CheckpointUploadMode
+
+    from dkd_ray.train.state import Progress, RunState
+
+    cfg = preset("cpu-small", [f"train.checkpoint_upload={mode}"])
+    fake = _FakeRayTrain()
+    run = RunState("teacher", 3, cfg, _ray_session(fake), _small_net(), None, None, None, Progress())
+    run.checkpoint({"phase": "teacher"})
+    (metrics, checkpoint, kwargs), = fake.calls
+    folder = Path(checkpoint.path)
+    if mode == "async":
+        assert kwargs["checkpoint_upload_mode"] == CheckpointUploadMode.ASYNC
+        assert kwargs["delete_local_checkpoint_after_upload"] is True
+        assert (folder / "state.pt").is_file() and load_checkpoint(folder).iteration == 0  # complete, for Ray
+        shutil.rmtree(folder)  # what Ray does after the upload
+    else:
+        assert "checkpoint_upload_mode" not in kwargs
+        assert not folder.exists()
+
+
+def test_only_the_real_presets_upload_in_the_background():
+    assert preset("cuhk_sysu").train.checkpoint_upload == preset("prw").train.checkpoint_upload == "async"
+    assert preset("cpu-small").train.checkpoint_upload == "sync"
+    with pytest.raises(ConfigError, match="train.checkpoint_upload"):
+        preset("cpu-small", ["train.checkpoint_upload=later"])

@@ -57,7 +57,10 @@ class Session:
         (skipped ones are logged), or None."""
         return first_complete(self.checkpoint_candidates())
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, name: str | None = None) -> None:
+    uploads_in_background = False  # whether report(background=True) can upload asynchronously
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, name: str | None = None,
+               background: bool = False) -> None:
         """Report metrics (every rank must call it: it is a barrier under Ray), with an optional
         checkpoint folder written by this rank (rank 0 writes it; others pass None)."""
         raise NotImplementedError
@@ -90,7 +93,7 @@ class LocalSession(Session):
                  if d.name != head.name and (newest < 0 or checkpoint_iteration(d) <= newest)]
         return [head, *older]
 
-    def report(self, metrics, checkpoint_dir=None, name=None):
+    def report(self, metrics, checkpoint_dir=None, name=None, background=False):
         self.reports.append(dict(metrics))
         if checkpoint_dir is not None:
             name = name or f"checkpoint_{len(self.reports):06d}"
@@ -151,8 +154,17 @@ class RaySession(Session):
                 scanned.append(registered)
         return sorted(scanned, key=_newest_first)
 
-    def report(self, metrics, checkpoint_dir=None, name=None):
+    uploads_in_background = True  # Ray Train's CheckpointUploadMode.ASYNC
+
+    def report(self, metrics, checkpoint_dir=None, name=None, background: bool = False):
+        """``background``: Ray uploads ``checkpoint_dir`` in a thread, registers the checkpoint
+        once the upload finished, then deletes the folder; training goes on meanwhile."""
         checkpoint = self._train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        if checkpoint is not None and background:
+            self._train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name,
+                               checkpoint_upload_mode=self._train.CheckpointUploadMode.ASYNC,
+                               delete_local_checkpoint_after_upload=True)
+            return
         self._train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
 

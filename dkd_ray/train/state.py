@@ -23,6 +23,7 @@ workers rank 0 chooses and broadcasts its choice, so all ranks resume from the s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -66,7 +67,7 @@ FINGERPRINT_SECTIONS = {"teacher": ("data", "teacher", "train"), "student": ("da
 FINGERPRINT_EXCLUDED = frozenset({
     "data.root", "data.loader_workers",
     "train.num_workers", "train.use_gpu", "train.cpus_per_worker", "train.max_failures", "train.max_iters",
-    "train.log_every_iters", "train.checkpoint_every_iters", "train.eval_every_epochs",
+    "train.log_every_iters", "train.checkpoint_every_iters", "train.eval_every_epochs", "train.checkpoint_upload",
 })
 
 
@@ -266,7 +267,10 @@ class RunState:
         the training state; every rank writes its RNG streams; ``add_files(directory)`` adds
         files next to them (on every rank when ``every_rank_writes``, else on rank 0). Every
         rank's last file is its manifest (``MANIFEST.rank<r>.json``) of the files it wrote."""
-        with tempfile.TemporaryDirectory(prefix="dkd-ckpt-") as tmp:
+        background = self.cfg.train.checkpoint_upload == "async" and getattr(self.session, "uploads_in_background", False)
+        # An upload in the background reads the folder after report() returns: Ray deletes it then.
+        with contextlib.nullcontext(tempfile.mkdtemp(prefix="dkd-ckpt-")) if background \
+                else tempfile.TemporaryDirectory(prefix="dkd-ckpt-") as tmp:
             directory = Path(tmp)
             save_rank_rng(directory, self.session.rank)
             if add_files is not None and (self.session.is_main or every_rank_writes):
@@ -286,7 +290,8 @@ class RunState:
                           MANIFEST_COUNT_KEY: self._checkpoint_writers()})
             write_manifest(directory, self.session.rank, self.session.world_size)  # last: after every file
             self.session.report({**metrics, **self.progress.to_dict()}, directory,
-                                name=f"{self.role}_e{self.progress.epoch:03d}_i{self.progress.iteration:07d}")
+                                name=f"{self.role}_e{self.progress.epoch:03d}_i{self.progress.iteration:07d}",
+                                background=background)
 
 
 def _process_group_size() -> int:
