@@ -109,6 +109,36 @@ def test_a_checkpoint_and_its_bank_load_straight_from_their_uri(bucket, cache, t
         check_model_ref(f"{bucket}/teachers/nothing-here", "teacher")
 
 
+def test_the_newest_complete_checkpoint_in_a_bucket_skips_a_partial_upload(bucket, tiny_students, tmp_path):
+    """What a sweep's champion and its resume read on object storage: the newest checkpoint
+    whose manifests' files are all in the bucket with their sizes; one whose upload stopped
+    half way (state.pt short, or a rank's manifest not there yet) is skipped, nothing downloaded."""
+    import shutil
+
+    from dkd_ray import storage
+    from dkd_ray.sweep.champion import final_checkpoint
+    from dkd_ray.train.session import newest_complete_checkpoint_uri
+
+    newest, older = tiny_students
+    run = f"{bucket}/trials/trial-abc"
+    storage.upload_dir(older, f"{run}/{older.name}")
+    storage.write_json(f"{run}/checkpoint_manager_snapshot.json", {"not": "a checkpoint"})
+    cut = tmp_path / newest.name
+    shutil.copytree(newest, cut)
+    with open(cut / "state.pt", "r+b") as f:
+        f.truncate(1000)
+    storage.upload_dir(cut, f"{run}/{newest.name}")
+    assert newest_complete_checkpoint_uri(run) == f"{run}/{older.name}"
+    assert final_checkpoint(f"{bucket}/trials", "abc", reported="reported") == f"{run}/{older.name}"
+
+    storage.upload_dir(newest, f"{run}/{newest.name}")  # the upload finished after all
+    assert newest_complete_checkpoint_uri(run) == f"{run}/{newest.name}"
+    filesystem, path = storage.filesystem(f"{run}/{newest.name}/MANIFEST.rank0.json")
+    filesystem.delete_file(path)
+    assert newest_complete_checkpoint_uri(run) == f"{run}/{older.name}"
+    assert newest_complete_checkpoint_uri(f"{bucket}/trials/trial-none") is None
+
+
 @pytest.mark.slow
 def test_student_job_on_two_nodes_with_only_object_storage(s3, bucket, tiny_cuhk, tiny_teacher, tmp_path):
     """`ray job submit` to a token-authenticated cluster of two Ray nodes (a head and a node joined

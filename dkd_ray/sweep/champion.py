@@ -24,12 +24,12 @@ def final_checkpoint(trials_storage: str, trial_id: str, reported: str) -> str:
     """The trial's newest complete checkpoint in its Train run's folder. The last result's
     ``checkpoint_path`` is not enough: a trial interrupted right after its last epoch ends, on
     resume, with that epoch's results replayed and no new checkpoint."""
+    from dkd_ray import storage
     from dkd_ray.sweep.trial import trial_run_name
-    from dkd_ray.train.session import newest_complete_checkpoint
+    from dkd_ray.train.session import newest_complete_checkpoint, newest_complete_checkpoint_uri
 
-    if "://" in trials_storage:
-        return reported
-    newest = newest_complete_checkpoint(Path(trials_storage) / trial_run_name(trial_id))
+    run = storage.join(trials_storage, trial_run_name(trial_id))
+    newest = newest_complete_checkpoint_uri(run) if storage.is_remote(run) else newest_complete_checkpoint(Path(run))
     return str(newest) if newest is not None else reported
 
 

@@ -224,6 +224,55 @@ def newest_complete_checkpoint(run_dir: Path | None) -> Path | None:
     return first_complete(checkpoint_folders(run_dir))
 
 
+def newest_complete_checkpoint_uri(run_uri: str) -> str | None:
+    """``newest_complete_checkpoint`` of a run folder on object storage: the URI of its newest
+    checkpoint whose manifests' files are all there with their sizes (a few small requests;
+    nothing is downloaded), or None. Each one skipped is logged with its reason."""
+    from dkd_ray import storage
+
+    found = []
+    for name in storage.list_dir(run_uri):
+        try:
+            meta = None if name.startswith(".") else storage.read_json(storage.join(run_uri, name, "meta.json"))
+            found.append((int(meta["iteration"]), name, meta))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a checkpoint: Ray's own files, a staging copy
+    for _, name, meta in sorted(found, key=lambda item: (-item[0], item[1])):
+        uri = storage.join(run_uri, name)
+        reason = _remote_incomplete_reason(uri, meta)
+        if reason is None:
+            return uri
+        log.warning("skipping checkpoint %s: %s", uri, reason)
+    return None
+
+
+def _remote_incomplete_reason(uri: str, meta: dict[str, Any]) -> str | None:
+    from pyarrow import fs
+
+    from dkd_ray import storage
+    from dkd_ray.train.checkpoint import MANIFEST_COUNT_KEY, STATE_FILE, manifest_name
+
+    count = meta.get(MANIFEST_COUNT_KEY)
+    if count is None:  # written before manifests existed: its state.pt must be there
+        return None if storage.exists(storage.join(uri, STATE_FILE)) else f"no {STATE_FILE}"
+    listed: dict[str, int] = {}
+    for rank in range(int(count)):
+        try:
+            manifest = storage.read_json(storage.join(uri, manifest_name(rank)))
+        except (OSError, ValueError):
+            manifest = None
+        if not manifest:
+            return f"{manifest_name(rank)} is missing or unreadable (meta.json names {count} manifests)"
+        listed.update({name: entry.get("size") for name, entry in manifest.get("files", {}).items()})
+    filesystem, root = storage.filesystem(uri)
+    for (name, size), info in zip(listed.items(), filesystem.get_file_info([f"{root}/{n}" for n in listed])):
+        if info.type != fs.FileType.File:
+            return f"{name} is missing (listed in the manifest)"
+        if info.size != size:
+            return f"{name} is {info.size} bytes, its manifest says {size} (truncated or partly uploaded)"
+    return None
+
+
 def current_session(use_gpu: str = "auto", checkpoint_root: str | Path | None = None,
                     run_dir: str | Path | None = None) -> Session:
     """A ``RaySession`` inside a Ray Train worker, else a ``LocalSession``."""
