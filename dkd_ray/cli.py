@@ -162,7 +162,11 @@ def prepare_driver(args: argparse.Namespace, cfg: Config, *, check_data: bool = 
     os.environ.setdefault(tracking.PIPELINE_ENV, tracking.new_pipeline_id())
     storage = storage_of(args)
     _stop_cleanly_on_sigterm()
-    data_root = resolve_data_root(cfg, storage if "://" not in storage else "data")
+    from dkd_ray.storage import cache_dir, is_remote
+
+    # Synthetic data without a --data-root goes beside local runs, else into this node's cache
+    # (workers on other nodes generate the same files from the same seed).
+    data_root = resolve_data_root(cfg, cache_dir() if is_remote(storage) else storage)
     if check_data:  # bad data fails here in seconds, not in a worker after Ray started
         check_trainable(cfg, data_root)
     init_ray()

@@ -139,6 +139,22 @@ def test_the_newest_complete_checkpoint_in_a_bucket_skips_a_partial_upload(bucke
     assert newest_complete_checkpoint_uri(f"{bucket}/trials/trial-none") is None
 
 
+def test_a_node_without_the_drivers_synthetic_data_generates_the_same_files(tmp_path):
+    """Synthetic data the driver generated on its own disk is made again, identical, by a worker
+    on a node that lacks it (same preset, same seed)."""
+    from dkd_ray.config import preset
+    from dkd_ray.train.workdata import load_training_annotations, resolve_data_root
+
+    cfg = preset("cpu-small", ["data.synthetic_preset=tiny"])
+    driver_root = resolve_data_root(cfg, tmp_path / "driver")
+    other_node = tmp_path / "node" / driver_root.relative_to(tmp_path / "driver")
+    annotations = load_training_annotations({"config": cfg.to_dict(), "data_root": str(other_node)})
+    assert annotations.images.fingerprint() == load_training_annotations(
+        {"config": cfg.to_dict(), "data_root": str(driver_root)}).images.fingerprint()
+    for name in ("Image/SSM/s1.jpg", "annotation/Images.mat"):
+        assert (other_node / name).read_bytes() == (driver_root / name).read_bytes(), name
+
+
 @pytest.mark.slow
 def test_student_job_on_two_nodes_with_only_object_storage(s3, bucket, tiny_cuhk, tiny_teacher, tmp_path):
     """`ray job submit` to a token-authenticated cluster of two Ray nodes (a head and a node joined

@@ -47,12 +47,18 @@ def resolve_data_root(cfg: Config, work_dir: str | Path) -> Path:
         raise ConfigError(f"--data-root is required for dataset {cfg.data.dataset!r} (datasets are not downloadable)")
     from dkd_ray.data.synthetic import generate
 
-    root = Path(work_dir) / "data" / f"synthetic-{cfg.data.synthetic_preset}-seed{cfg.train.seed}" / "CUHK-SYSU"
+    root = Path(work_dir).resolve() / "data" / f"synthetic-{cfg.data.synthetic_preset}-seed{cfg.train.seed}" / "CUHK-SYSU"
     done = root.parent / ".complete"
     if not done.exists():
-        log.info("generating synthetic CUHK-SYSU-layout data (%s) in %s", cfg.data.synthetic_preset, root)
-        generate(root, "cuhk_sysu", cfg.data.synthetic_preset, seed=cfg.train.seed, overwrite=True)
-        done.write_text("ok\n")
+        import fcntl
+
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with open(root.parent.parent / f".{root.parent.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one generator per machine: workers of one node may race
+            if not done.exists():
+                log.info("generating synthetic CUHK-SYSU-layout data (%s) in %s", cfg.data.synthetic_preset, root)
+                generate(root, "cuhk_sysu", cfg.data.synthetic_preset, seed=cfg.train.seed, overwrite=True)
+                done.write_text("ok\n")
     return root
 
 
@@ -61,4 +67,9 @@ def load_training_annotations(loop_config: dict[str, Any]) -> Annotations:
     from dkd_ray.data import load_annotations
 
     cfg = Config.from_dict(loop_config["config"])
-    return load_annotations(dataset_layout(cfg), loop_config["data_root"], box_rule=cfg.data.box_rule)
+    root = Path(loop_config["data_root"])
+    if not root.exists() and cfg.data.dataset == "synthetic" and not cfg.data.root and len(root.parents) > 2:
+        # Synthetic data the driver generated on its own disk (a node without a shared one): the
+        # same preset and seed make the same files here.
+        resolve_data_root(cfg, root.parents[2])
+    return load_annotations(dataset_layout(cfg), root, box_rule=cfg.data.box_rule)
