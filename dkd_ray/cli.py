@@ -6,6 +6,7 @@ import argparse
 import functools
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Callable, NoReturn
@@ -139,9 +140,16 @@ def claim_run_name(args: argparse.Namespace, storage: str, name: str) -> None:
 
     folder = store.join(storage, name)
     live = live_driver(storage, name)
-    if live is not None:
+    if live is not None and getattr(args, "resume", "") and live.get("host") != socket.gethostname():
+        # Another machine's driver cannot be checked from here, and one lost with its node (a
+        # preempted pod, a dead VM) never says so: --resume is the user saying it is gone.
+        logging.getLogger("dkd_ray").warning(
+            "run %s is recorded as being trained by pid %s on %s; --resume takes it over (if that driver still "
+            "runs, stop it: two drivers would write the same checkpoints)", name, live.get("pid"), live.get("host"))
+    elif live is not None:
         fail(f"run {name!r} in {storage} is being trained right now by pid {live.get('pid')} on {live.get('host')}; "
-             "wait for it or pick another --run-name")
+             "wait for it or pick another --run-name (a driver on another machine that was lost: --resume "
+             f"{name})")
     if getattr(args, "resume", "") and not store.is_dir(folder):
         fail(f"--resume {name}: there is no run {name!r} in {storage} to continue")
     if not getattr(args, "resume", "") and store.exists(folder):

@@ -45,18 +45,20 @@ def _layout(cfg: Config) -> str:
     return dataset_layout(cfg)
 
 
-def final_checkpoint(result) -> str:
+def final_checkpoint(result, storage_path: str | Path) -> str:
     """The run's final checkpoint as a reference every node can read: its folder on a local or
-    shared disk, or its URI on object storage (never a copy on the driver's disk)."""
+    shared disk, or its URI on object storage, in the form of ``storage_path`` (never a copy on
+    the driver's disk)."""
     from pyarrow import fs
+
+    from dkd_ray import storage
 
     if result.checkpoint is None:
         raise RuntimeError(f"the Ray Train run ended without a checkpoint: {result.error!r}")
     checkpoint = result.checkpoint
-    if isinstance(checkpoint.filesystem, fs.LocalFileSystem):
+    if isinstance(checkpoint.filesystem, fs.LocalFileSystem) or not storage.is_remote(storage_path):
         return str(Path(checkpoint.path))
-    scheme = checkpoint.filesystem.type_name  # "s3", "gcs", "abfs", "hdfs": pyarrow reads these back
-    return f"{scheme}://{checkpoint.path.lstrip('/')}"
+    return storage.uri_of(str(storage_path), checkpoint.path)
 
 
 def evaluation_output(storage_path: str, run_name: str, given: str = "") -> Path:
@@ -80,8 +82,11 @@ def publish_evaluation(output: Path, storage_path: str, run_name: str, given: st
 
     if given or not storage.is_remote(storage_path):
         return str(output)
+    import shutil
+
     uri = storage.join(storage_path, run_name, "evaluation")
     storage.upload_dir(output, uri)
+    shutil.rmtree(output, ignore_errors=True)  # the scratch copy: the files are in storage and MLflow
     return uri
 
 
@@ -149,7 +154,7 @@ def train_teacher_stage(cfg: Config, data_root: Path, *, storage_path: str | Pat
         loop_config = {"config": cfg.to_dict(), "data_root": str(data_root), "run_name": run_name,
                        "mlflow": _mlflow_settings(tracker, cfg, "train_teacher")}
         result = fit(train_teacher, loop_config, cfg, name=run_name, storage_path=storage_path)
-        checkpoint = final_checkpoint(result)
+        checkpoint = final_checkpoint(result, storage_path)
         metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
         stage = StageResult("teacher", checkpoint, metrics, run_id=tracker.run_id)
         tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith(("teacher_gt/", "val/"))})
@@ -206,7 +211,7 @@ def resolve_bank(cfg: Config, teacher_ref: str, data_root: Path, *, storage_path
     result = fit(build_bank, {"config": cfg.to_dict(), "data_root": str(data_root),
                               "teacher_ref": worker_teacher_ref(teacher_ref), "tracking_uri": tracking_uri()},
                  cfg, name=f"{run_name}-bank", storage_path=storage_path)
-    return storage.join(final_checkpoint(result), BANK_DIR)
+    return storage.join(final_checkpoint(result, storage_path), BANK_DIR)
 
 
 def train_student_stage(cfg: Config, data_root: Path, *, teacher_ref: str, bank_path: str | None,
@@ -226,7 +231,7 @@ def train_student_stage(cfg: Config, data_root: Path, *, teacher_ref: str, bank_
                        "teacher_ref": worker_teacher_ref(teacher_ref), "bank_path": str(bank_path) if bank_path else "",
                        "run_name": run_name, "mlflow": _mlflow_settings(tracker, cfg, "train_student")}
         result = fit(train_student, loop_config, cfg, name=run_name, storage_path=storage_path)
-        checkpoint = final_checkpoint(result)
+        checkpoint = final_checkpoint(result, storage_path)
         stage = StageResult("student", checkpoint, {}, run_id=tracker.run_id)
         tracker.set_tags({"checkpoint": str(checkpoint)})
 
@@ -283,7 +288,7 @@ def evaluate_model_stage(cfg: Config, data_root: Path, model_ref: str, role: str
     loop_config = {"config": evaluation.to_dict(), "data_root": str(data_root), "model_ref": model_ref, "role": role}
     result = fit(evaluate_model, loop_config, evaluation, name=run_name, storage_path=storage_path)
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    return metrics, final_checkpoint(result)
+    return metrics, final_checkpoint(result, storage_path)
 
 
 def evaluation_folder(checkpoint: str) -> Path:

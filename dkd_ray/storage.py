@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -30,22 +31,42 @@ OBJECT_STORE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs")
 
 
 def is_remote(ref: str | os.PathLike) -> bool:
-    """True for an object-store URI (``s3://bucket/key``), False for a local path."""
+    """True for an object-store URI (``s3://bucket/key``), False for a local path (``file://``
+    included: it is a local folder)."""
     text = os.fspath(ref)
-    return "://" in text and text.split("://", 1)[0].lower() in (*OBJECT_STORE_SCHEMES, "file")
+    return "://" in text and text.split("://", 1)[0].lower() in OBJECT_STORE_SCHEMES
 
 
 def absolute(ref: str | os.PathLike) -> str:
-    """``ref`` as every node reads it: a URI unchanged, a local path made absolute."""
+    """``ref`` as every node reads it: an object-store URI unchanged, a local path (or a
+    ``file://`` URI) as an absolute path."""
     text = os.fspath(ref)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
     return text if "://" in text else str(Path(text).expanduser().resolve())
 
 
 def join(storage: str | os.PathLike, *parts: str) -> str:
+    """``storage`` with ``parts`` appended; a URI's query (``?endpoint_override=...``) stays last."""
     storage = os.fspath(storage)
     if "://" in storage:
-        return "/".join([storage.rstrip("/"), *parts])
+        base, query = (storage.split("?", 1) + [""])[:2]
+        joined = "/".join([base.rstrip("/"), *parts])
+        return f"{joined}?{query}" if query else joined
     return str(Path(storage, *parts))
+
+
+def uri_of(storage: str, path: str) -> str:
+    """The URI, in the form of ``storage``, of ``path`` as pyarrow names it inside the filesystem
+    of ``storage`` (e.g. Ray Train's ``Checkpoint.path``); keeps the host part of ``hdfs://``
+    and the query of ``storage``."""
+    if not is_remote(storage):
+        return str(Path(path))
+    _, root = filesystem(storage)
+    root, path = root.rstrip("/"), path.rstrip("/")
+    if path != root and not path.startswith(root + "/"):
+        raise ValueError(f"{path} is not inside {storage}")
+    return join(storage, *filter(None, path[len(root):].split("/")))
 
 
 def filesystem(uri: str | os.PathLike):
@@ -98,7 +119,7 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
     makes a single PUT visible only once complete)."""
     filesystem_, path = filesystem(uri)
     filesystem_.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    staging = f"{path}.tmp{os.getpid()}"
+    staging = f"{path}.tmp-{uuid.uuid4().hex[:12]}"  # unique across hosts, not only processes
     with filesystem_.open_output_stream(staging) as stream:
         stream.write(data)
     filesystem_.move(staging, path)
@@ -144,30 +165,37 @@ def localize(ref: str | os.PathLike) -> Path:
     if kind == fs.FileType.NotFound:
         raise FileNotFoundError(f"nothing at {text}")
     name = path.rstrip("/").rsplit("/", 1)[-1]
-    # The endpoint is part of the key: one bucket name on two S3-compatible servers is two things.
-    key = f"{os.environ.get('AWS_ENDPOINT_URL_S3') or os.environ.get('AWS_ENDPOINT_URL', '')} {text.rstrip('/')}"
+    files = ([info for info in filesystem_.get_file_info(fs.FileSelector(path, recursive=True))
+              if info.type == fs.FileType.File] if kind == fs.FileType.Directory else [filesystem_.get_file_info(path)])
+    # The key: the endpoint (one bucket name on two S3-compatible servers is two things), the URI
+    # and what is there now (names, sizes, times): a changed or re-created folder, or one that
+    # was still being written at the last download, is fetched again, never served stale.
+    listing = sorted((i.path, i.size, i.mtime_ns) for i in files)
+    key = json.dumps([os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", ""),
+                      text.rstrip("/"), listing], default=str)
     target = cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}-{name}"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        log.info("downloading %s to %s", text, target)
-        if kind == fs.FileType.Directory:
-            # One streamed GET per file: copy_files' ranged 1 MiB reads are several times slower.
-            selector = fs.FileSelector(path, recursive=True)
-            for info in filesystem_.get_file_info(selector):
-                if info.type == fs.FileType.File:
-                    _download(filesystem_, info.path, staging / name / info.path[len(path):].lstrip("/"))
-        else:
-            _download(filesystem_, path, staging / name)
+    import fcntl
+
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the node's other workers wait for this download, not repeat it
+        if target.exists():
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
+            log.info("downloading %s to %s", text, target)
+            if kind == fs.FileType.Directory:
+                (staging / name).mkdir()
+                # One streamed GET per file: copy_files' ranged 1 MiB reads are several times slower.
+                for info in files:
+                    _download(filesystem_, info.path, staging / name / info.path[len(path):].lstrip("/"))
+            else:
+                _download(filesystem_, path, staging / name)
             os.rename(staging / name, target)  # atomic: a copy cut short is never found
-        except OSError:
-            if not target.exists():  # another process of this node finished first otherwise
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

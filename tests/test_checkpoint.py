@@ -267,3 +267,21 @@ def test_only_the_real_presets_upload_in_the_background():
     assert preset("cpu-small").train.checkpoint_upload == "sync"
     with pytest.raises(ConfigError, match="train.checkpoint_upload"):
         preset("cpu-small", ["train.checkpoint_upload=later"])
+
+
+def test_an_async_checkpoint_that_fails_before_ray_takes_it_leaves_no_folder(tmp_path):
+    """With the background upload the folder outlives report(); if writing or reporting fails
+    first, nothing of it is left on the worker's disk."""
+    from dkd_ray.train.state import Progress, RunState
+
+    class Failing(_FakeRayTrain):
+        def report(self, metrics, checkpoint=None, **kwargs):
+            super().report(metrics, checkpoint, **kwargs)
+            raise RuntimeError("the controller is gone")
+
+    fake = Failing()
+    run = RunState("teacher", 3, preset("cpu-small", ["train.checkpoint_upload=async"]), _ray_session(fake),
+                   _small_net(), None, None, None, Progress())
+    with pytest.raises(RuntimeError, match="controller is gone"):
+        run.checkpoint({"phase": "teacher"})
+    assert not Path(fake.calls[0][1].path).exists()

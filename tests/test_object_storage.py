@@ -67,10 +67,53 @@ def test_storage_layer_reads_writes_lists_and_localizes_a_folder_once(bucket, ca
     assert copy.is_relative_to(cache)
     assert (copy / "state.pt").read_bytes() == b"\0" * 1000 and (copy / "bank" / "part.parquet").read_bytes() == b"parquet"
     assert storage.localize(f"{bucket}/ckpt/checkpoint_000002/") == copy  # cached: one download per node
-    assert [p.name for p in cache.iterdir()] == [copy.name]  # no half-finished staging folder left
+    assert [p.name for p in cache.iterdir() if p.suffix != ".lock"] == [copy.name]  # no staging folder left
     assert storage.localize(local) == local  # a local path is used in place
     with pytest.raises(FileNotFoundError, match="checkpoint_000009"):
         storage.localize(f"{bucket}/ckpt/checkpoint_000009")
+
+
+def test_uris_keep_their_query_and_file_uris_are_local_paths(s3):
+    from dkd_ray import storage
+
+    assert storage.join("s3://b/runs?endpoint_override=127.0.0.1:9000", "r", "ckpt") == \
+        "s3://b/runs/r/ckpt?endpoint_override=127.0.0.1:9000"
+    assert storage.uri_of("s3://b/runs", "b/runs/r/checkpoint_000") == "s3://b/runs/r/checkpoint_000"
+    with pytest.raises(ValueError, match="not inside"):
+        storage.uri_of("s3://b/runs", "other/r")
+    assert not storage.is_remote("file:///tmp/x") and storage.absolute("file:///tmp/x") == "/tmp/x"
+    assert storage.is_remote("gs://b/x") and not storage.is_remote("models:/dkd-student-prw/1")
+
+
+def test_a_changed_remote_folder_is_downloaded_again_not_served_from_the_cache(bucket, cache, tmp_path):
+    from dkd_ray import storage
+
+    folder = tmp_path / "bank"
+    folder.mkdir()
+    (folder / "part.parquet").write_bytes(b"first")
+    storage.upload_dir(folder, f"{bucket}/bank")
+    first = storage.localize(f"{bucket}/bank")
+    (folder / "part.parquet").write_bytes(b"second, longer")  # re-created under the same name
+    storage.upload_dir(folder, f"{bucket}/bank")
+    second = storage.localize(f"{bucket}/bank")
+    assert second != first and (second / "part.parquet").read_bytes() == b"second, longer"
+    assert storage.localize(f"{bucket}/bank") == second
+
+
+def test_resume_takes_over_a_run_recorded_as_running_on_another_machine(bucket, caplog):
+    """A driver lost with its machine (a preempted pod) leaves its record 'running', and its
+    liveness cannot be checked from here: a new start is refused, --resume takes the run over."""
+    import argparse
+
+    from dkd_ray.cli import claim_run_name
+    from dkd_ray.tracking.run_record import write_record
+
+    storage = f"{bucket}/runs"
+    write_record(storage, "student-k8s-1", host="dkd-student-head-x7k2p", pid=42, state="running", run_id="r1")
+    with pytest.raises(SystemExit):
+        claim_run_name(argparse.Namespace(resume=""), storage, "student-k8s-1")
+    claim_run_name(argparse.Namespace(resume="student-k8s-1"), storage, "student-k8s-1")  # no exit
+    assert "takes it over" in caplog.text
 
 
 def test_run_records_live_on_object_storage_and_a_lost_driver_is_reaped_there(bucket, tmp_path):

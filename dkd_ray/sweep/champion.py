@@ -29,8 +29,18 @@ def final_checkpoint(trials_storage: str, trial_id: str, reported: str) -> str:
     from dkd_ray.train.session import newest_complete_checkpoint, newest_complete_checkpoint_uri
 
     run = storage.join(trials_storage, trial_run_name(trial_id))
-    newest = newest_complete_checkpoint_uri(run) if storage.is_remote(run) else newest_complete_checkpoint(Path(run))
-    return str(newest) if newest is not None else reported
+    if not storage.is_remote(run):
+        newest = newest_complete_checkpoint(Path(run))
+        return str(newest) if newest is not None else reported
+    newest = newest_complete_checkpoint_uri(run)
+    if newest is not None:
+        return newest
+    if reported and "://" not in reported:  # Tune reports the path inside the store (bucket/key, no scheme)
+        try:
+            return storage.uri_of(trials_storage, reported)
+        except ValueError:
+            pass
+    return reported
 
 
 def trial_summaries(result_grid, metric: str, epochs: int, runs: dict[str, Any],

@@ -91,7 +91,7 @@ def reap_lost_drivers(storage: str | os.PathLike, uri: str) -> list[str]:
         return []
     marked = []
     for name in names:
-        record = read_record(text, name) if store.exists(_record_uri(text, name)) else None
+        record = read_record(text, name)  # one small read per run folder; None when it has no record
         if not record or record.get("state") != LIVE or _driver_alive(record) or not record.get("run_id"):
             continue
         try:

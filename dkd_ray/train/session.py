@@ -231,7 +231,12 @@ def newest_complete_checkpoint_uri(run_uri: str) -> str | None:
     from dkd_ray import storage
 
     found = []
-    for name in storage.list_dir(run_uri):
+    try:
+        names = storage.list_dir(run_uri)
+    except OSError as error:
+        log.warning("could not list %s (%s)", run_uri, error)
+        return None
+    for name in names:
         try:
             meta = None if name.startswith(".") else storage.read_json(storage.join(run_uri, name, "meta.json"))
             found.append((int(meta["iteration"]), name, meta))
@@ -239,7 +244,10 @@ def newest_complete_checkpoint_uri(run_uri: str) -> str | None:
             continue  # not a checkpoint: Ray's own files, a staging copy
     for _, name, meta in sorted(found, key=lambda item: (-item[0], item[1])):
         uri = storage.join(run_uri, name)
-        reason = _remote_incomplete_reason(uri, meta)
+        try:
+            reason = _remote_incomplete_reason(uri, meta)
+        except (OSError, ValueError, TypeError, AttributeError) as error:
+            reason = f"unreadable ({type(error).__name__}: {error})"
         if reason is None:
             return uri
         log.warning("skipping checkpoint %s: %s", uri, reason)

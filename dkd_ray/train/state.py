@@ -23,10 +23,10 @@ workers rank 0 chooses and broadcasts its choice, so all ranks resume from the s
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -268,30 +268,41 @@ class RunState:
         files next to them (on every rank when ``every_rank_writes``, else on rank 0). Every
         rank's last file is its manifest (``MANIFEST.rank<r>.json``) of the files it wrote."""
         background = self.cfg.train.checkpoint_upload == "async" and getattr(self.session, "uploads_in_background", False)
-        # An upload in the background reads the folder after report() returns: Ray deletes it then.
-        with contextlib.nullcontext(tempfile.mkdtemp(prefix="dkd-ckpt-")) if background \
-                else tempfile.TemporaryDirectory(prefix="dkd-ckpt-") as tmp:
-            directory = Path(tmp)
-            save_rank_rng(directory, self.session.rank)
-            if add_files is not None and (self.session.is_main or every_rank_writes):
-                add_files(directory)
-            if self.session.is_main:
-                p = self.progress
-                if p.batches_done == 0:  # an epoch's end: its results travel with it (see resume)
-                    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-                    (directory / EPOCH_RESULTS).write_text(json.dumps({**numbers, **p.to_dict()}))
-                save_checkpoint(TrainingState.capture(
-                    self.model, self.optimizer, self.scheduler, self.scaler, epoch=p.epoch, iteration=p.iteration,
-                    batches_done=p.batches_done, config=self.cfg,
-                    extra={"role": self.role, "num_classes": self.num_classes}), directory,
-                    meta={"role": self.role, "run_name": getattr(self.session, "run_name", "") or "",
-                          "fingerprint": run_fingerprint(self.cfg, self.role),
-                          "fingerprint_config": fingerprint_config(self.cfg, self.role),
-                          MANIFEST_COUNT_KEY: self._checkpoint_writers()})
-            write_manifest(directory, self.session.rank, self.session.world_size)  # last: after every file
-            self.session.report({**metrics, **self.progress.to_dict()}, directory,
-                                name=f"{self.role}_e{self.progress.epoch:03d}_i{self.progress.iteration:07d}",
-                                background=background)
+        if not background:
+            with tempfile.TemporaryDirectory(prefix="dkd-ckpt-") as tmp:
+                self._write_and_report(Path(tmp), metrics, add_files, every_rank_writes, background=False)
+            return
+        # An upload in the background reads the folder after report() returns; Ray deletes it once
+        # uploaded. Until report() has taken it, a failure here is ours to clean up.
+        directory = Path(tempfile.mkdtemp(prefix="dkd-ckpt-"))
+        try:
+            self._write_and_report(directory, metrics, add_files, every_rank_writes, background=True)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+
+    def _write_and_report(self, directory: Path, metrics: dict[str, Any], add_files, every_rank_writes: bool, *,
+                          background: bool) -> None:
+        save_rank_rng(directory, self.session.rank)
+        if add_files is not None and (self.session.is_main or every_rank_writes):
+            add_files(directory)
+        if self.session.is_main:
+            p = self.progress
+            if p.batches_done == 0:  # an epoch's end: its results travel with it (see resume)
+                numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+                (directory / EPOCH_RESULTS).write_text(json.dumps({**numbers, **p.to_dict()}))
+            save_checkpoint(TrainingState.capture(
+                self.model, self.optimizer, self.scheduler, self.scaler, epoch=p.epoch, iteration=p.iteration,
+                batches_done=p.batches_done, config=self.cfg,
+                extra={"role": self.role, "num_classes": self.num_classes}), directory,
+                meta={"role": self.role, "run_name": getattr(self.session, "run_name", "") or "",
+                      "fingerprint": run_fingerprint(self.cfg, self.role),
+                      "fingerprint_config": fingerprint_config(self.cfg, self.role),
+                      MANIFEST_COUNT_KEY: self._checkpoint_writers()})
+        write_manifest(directory, self.session.rank, self.session.world_size)  # last: after every file
+        self.session.report({**metrics, **self.progress.to_dict()}, directory,
+                            name=f"{self.role}_e{self.progress.epoch:03d}_i{self.progress.iteration:07d}",
+                            background=background)
 
 
 def _process_group_size() -> int:
