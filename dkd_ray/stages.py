@@ -49,16 +49,11 @@ def final_checkpoint(result, storage_path: str | Path) -> str:
     """The run's final checkpoint as a reference every node can read: its folder on a local or
     shared disk, or its URI on object storage, in the form of ``storage_path`` (never a copy on
     the driver's disk)."""
-    from pyarrow import fs
-
     from dkd_ray import storage
 
     if result.checkpoint is None:
         raise RuntimeError(f"the Ray Train run ended without a checkpoint: {result.error!r}")
-    checkpoint = result.checkpoint
-    if isinstance(checkpoint.filesystem, fs.LocalFileSystem) or not storage.is_remote(storage_path):
-        return str(Path(checkpoint.path))
-    return storage.uri_of(str(storage_path), checkpoint.path)
+    return storage.uri_of(str(storage_path), result.checkpoint.path)
 
 
 def evaluation_output(storage_path: str, run_name: str, given: str = "") -> Path:
@@ -102,6 +97,7 @@ def _tracker(cfg: Config, job: str, experiment: str, run_name: str, storage_path
     (``--resume`` after a lost driver: one run, not two), else a new one; recorded there now."""
     import os
 
+    from dkd_ray import storage
     from dkd_ray.tracking import PIPELINE_ENV, Tracker
     from dkd_ray.tracking.run_record import claim, read_record
 
@@ -109,7 +105,7 @@ def _tracker(cfg: Config, job: str, experiment: str, run_name: str, storage_path
     tracker = Tracker(cfg.data.dataset, job, experiment=experiment, run_name=run_name,
                       run_id=record.get("run_id") or None, pipeline_id=record.get("pipeline_id"),
                       tags={"preset": cfg.preset}, parent_run_id=parent_run_id, owns_run=True,
-                      checkpoint_dir=None if "://" in str(storage_path) else str(Path(storage_path) / run_name))
+                      checkpoint_dir=None if storage.is_remote(storage_path) else str(Path(storage_path) / run_name))
     tracker.start()
     if record.get("run_id"):
         log.info("%s: continuing MLflow run %s (recorded in the run folder)", run_name, record["run_id"])
@@ -193,8 +189,7 @@ def resolve_bank(cfg: Config, teacher_ref: str, data_root: Path, *, storage_path
     from dkd_ray import storage
     from dkd_ray.train.teacher_finish import BANK_DIR
 
-    if not teacher_ref.startswith(("models:/", "runs:/")) and (storage.is_remote(teacher_ref)
-                                                              or Path(teacher_ref).expanduser().exists()):
+    if storage.is_remote(teacher_ref) or Path(teacher_ref).expanduser().exists():  # a checkpoint, not MLflow
         bank = storage.join(storage.absolute(teacher_ref), BANK_DIR)
         if storage.is_dir(bank):
             return bank

@@ -8,8 +8,8 @@ them.
 Workers and drivers pass each other *references* (a path or a URI), never copies on one node's
 disk. A process that needs the bytes of a remote checkpoint or knowledge bank calls
 ``localize``: it downloads the folder once per node into a cache (atomically, so a download cut
-short is never used) and returns the local copy. Checkpoints are immutable once Ray Train has
-registered them, so a cached copy never goes stale.
+short is never used) and returns the local copy; the cache is keyed by what is in the store, so
+a changed folder is fetched again.
 """
 
 from __future__ import annotations

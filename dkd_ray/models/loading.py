@@ -122,8 +122,7 @@ def check_model_ref(ref: str | os.PathLike, role: str, *, uri: str | None = None
     if storage.is_remote(text):
         from dkd_ray.train.checkpoint import STATE_FILE
 
-        if not (storage.is_dir(text) and storage.exists(storage.join(text, STATE_FILE))) \
-                and not (text.endswith(".pt") and storage.exists(text)):
+        if not storage.exists(storage.join(text, STATE_FILE)) and not (text.endswith(".pt") and storage.exists(text)):
             raise ModelNotFoundError(f"{text}: no checkpoint there (no {STATE_FILE})")
         return
     if "://" in text or not path.exists():

@@ -206,7 +206,7 @@ def run_sweep(space: SearchSpace, cfg: Config, *, name: str, data_root: Path, st
     if outcome.interrupted:
         return outcome
 
-    local = Path(local_dir or (sweep_uri if "://" not in sweep_uri else Path("sweeps") / name))
+    local = Path(local_dir or (Path("sweeps") / name if storage.is_remote(sweep_uri) else sweep_uri))
     log_scale = [k for k, (kind, _) in space.space.items() if kind == "loguniform"]
     outcome.summary_files = write_sweep_summary(trials, metric=settings["metric"], mode=settings["mode"],
                                                 output_dir=local / "summary", log_scale=log_scale)
@@ -233,7 +233,7 @@ def run_sweep(space: SearchSpace, cfg: Config, *, name: str, data_root: Path, st
     parent.set_tags({"champion_trial": outcome.champion["trial_id"], "champion_run_id": outcome.champion["run_id"],
                      "champion_model": outcome.champion.get("model_uri") or "",
                      "champion_version": outcome.champion.get("version") or ""})
-    if "://" in sweep_uri:
+    if storage.is_remote(sweep_uri):
         storage.upload_dir(local, sweep_uri)
     parent.end("FINISHED")
     return outcome

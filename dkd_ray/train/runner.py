@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dkd_ray.config import Config
+from dkd_ray.storage import absolute, is_remote
 from dkd_ray.train.common import TrainingAborted
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,8 @@ def fit(loop: Callable[[dict[str, Any]], Any], loop_config: dict[str, Any], cfg:
     gpu = use_gpu(cfg)
     loop_config = {**loop_config, "config": {**loop_config["config"],
                                             "train": {**loop_config["config"]["train"], "use_gpu": str(gpu).lower()}}}
-    storage = str(storage_path) if "://" in str(storage_path) else str(Path(storage_path).resolve())
-    if "://" not in storage:  # lets a restarted worker find checkpoints Ray had not registered yet
+    storage = absolute(storage_path)
+    if not is_remote(storage):  # lets a restarted worker find checkpoints Ray had not registered yet
         loop_config["run_dir"] = str(Path(storage) / name)
     log.info("Ray Train run %s: %d worker(s), %s, storage %s", name, cfg.train.num_workers,
              "GPU/NCCL" if gpu else "CPU/gloo", storage)
