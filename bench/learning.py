@@ -191,13 +191,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from mlflow import MlflowClient
 
+    from dkd_ray import storage as storage_lib
     from dkd_ray.stages import train_student_stage, train_teacher_stage
     from dkd_ray.tracking import tracking_uri
 
     data_root, storage = prepare_driver(args, base)
     stamp = args.stamp or time.strftime("%Y%m%d-%H%M%S")
     print(f"learning benchmark {stamp}: MLflow experiment {args.experiment}, runs under {storage}", flush=True)
-    teacher_dir = Path(args.teacher) if args.teacher else train_teacher_stage(
+    teacher_dir = storage_lib.absolute(args.teacher) if args.teacher else train_teacher_stage(
         base, data_root, storage_path=storage, experiment=args.experiment, run_name=f"learning-{stamp}-teacher",
         register=False).checkpoint
     client = MlflowClient(tracking_uri())
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = base.copy().apply_overrides(overrides)
             name = f"learning-{stamp}-{variant}-s{seed}"
             started = time.perf_counter()
-            stage = train_student_stage(cfg, data_root, teacher_ref=str(teacher_dir), bank_path=teacher_dir / "bank",
+            stage = train_student_stage(cfg, data_root, teacher_ref=str(teacher_dir), bank_path=storage_lib.join(teacher_dir, "bank"),
                                         storage_path=storage, experiment=args.experiment, run_name=name,
                                         output_dir=Path(storage) / name / "evaluation")
             if stage.run_id:

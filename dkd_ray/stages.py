@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from dkd_ray.config import Config
-from dkd_ray.eval.pipeline import headline_prefix
+from dkd_ray.eval.pipeline import HEADLINE, headline_prefix
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,11 @@ def worker_teacher_ref(ref: str) -> str:
     return str(local.resolve()) if local is not None and local.exists() else ref
 
 
-def _tracker(cfg: Config, job: str, experiment: str, run_name: str, storage_path, parent_run_id: str | None = None):
+def _tracker(cfg: Config, job: str, experiment: str, run_name: str, storage_path, parent_run_id: str | None = None,
+             data_root: Path | None = None):
     """The stage's MLflow run: the one recorded in the run folder when the job continues a run
-    (``--resume`` after a lost driver: one run, not two), else a new one; recorded there now."""
+    (``--resume`` after a lost driver: one run, not two), else a new one; recorded there now.
+    Described (what it is, a link to its pipeline's runs) and given its dataset input."""
     import os
 
     from dkd_ray import storage
@@ -110,9 +112,32 @@ def _tracker(cfg: Config, job: str, experiment: str, run_name: str, storage_path
     if record.get("run_id"):
         log.info("%s: continuing MLflow run %s (recorded in the run folder)", run_name, record["run_id"])
     tracker.log_config(cfg)
+    pipeline_id = record.get("pipeline_id") or os.environ.get(PIPELINE_ENV)
     claim(storage_path, run_name, run_id=tracker.run_id, uri=tracker.uri, experiment=tracker.experiment,
-          pipeline_id=record.get("pipeline_id") or os.environ.get(PIPELINE_ENV))
+          pipeline_id=pipeline_id)
+    _describe_run(tracker, cfg, job, pipeline_id, data_root)
     return tracker
+
+
+def _describe_run(tracker, cfg: Config, job: str, pipeline_id: str | None, data_root: Path | None) -> None:
+    """The run's dataset input, its description and its pipeline's saved comparison view (with
+    the headline protocol this dataset has: gallery 100 on CUHK-SYSU, else its largest)."""
+    from dkd_ray import storage
+    from dkd_ray.data import load_annotations
+    from dkd_ray.tracking.lineage import log_dataset, pipeline_description, pipeline_view
+
+    layout, annotations = _layout(cfg), None
+    if data_root is not None:
+        try:
+            annotations = load_annotations(layout, data_root, box_rule=cfg.data.box_rule)
+        except Exception as error:  # noqa: BLE001 - the workers report a bad dataset with its file
+            log.warning("dataset input not logged: %s", error)
+    protocols = [f"{layout}/g{size}/mAP" for size in (annotations.galleries if annotations else ())]
+    head = headline_prefix(dict.fromkeys(protocols or [f"{HEADLINE.get(layout, layout)}/mAP"], 0.0), layout)
+    link = pipeline_view(tracker, pipeline_id, head)
+    tracker.set_description(pipeline_description(job.removeprefix("train_"), pipeline_id, link))
+    if annotations is not None:
+        log_dataset(tracker, cfg, annotations, storage.absolute(str(data_root)))
 
 
 @contextmanager
@@ -145,7 +170,7 @@ def train_teacher_stage(cfg: Config, data_root: Path, *, storage_path: str | Pat
     from dkd_ray.train.runner import fit
     from dkd_ray.train.teacher_loop import train_teacher
 
-    tracker = _tracker(cfg, "train_teacher", experiment, run_name, storage_path, parent_run_id)
+    tracker = _tracker(cfg, "train_teacher", experiment, run_name, storage_path, parent_run_id, data_root)
     with _closing(tracker, storage_path, run_name):
         loop_config = {"config": cfg.to_dict(), "data_root": str(data_root), "run_name": run_name,
                        "mlflow": _mlflow_settings(tracker, cfg, "train_teacher")}
@@ -167,16 +192,22 @@ def log_teacher_model(stage: StageResult, cfg: Config, tracker, test_metrics: di
     ``dkd-teacher-<dataset>``, tagged with its test mAP/top-1 (two-step on ground truth)."""
     from dkd_ray.models.loading import load_model
     from dkd_ray.tracking import registered_model_name, version_tags
+    from dkd_ray.tracking.lineage import CHECKPOINT_TAG, version_description
+    from dkd_ray.train.state import run_fingerprint
 
     teacher = load_model(stage.checkpoint, role="teacher")
     head = headline_prefix(test_metrics, _layout(cfg))
-    tags = version_tags(cfg, {"mAP": test_metrics.get(f"{head}/mAP", float("nan")),
-                              "top1": test_metrics.get(f"{head}/top1", float("nan"))})
+    tags = version_tags(cfg, test_metrics, head)
+    lineage = {"knowledge bank": str(bank_path) if bank_path is not None else None,
+               "checkpoint": str(stage.checkpoint), "MLflow run": tracker.run_id,
+               "config digest": run_fingerprint(cfg, "teacher")}
+    tags.update({CHECKPOINT_TAG: str(stage.checkpoint), "config_digest": lineage["config digest"]})
     if bank_path is not None:
         tags["knowledge_bank"] = str(bank_path)
     example = np.random.default_rng(0).random((1, 3, cfg.teacher.input_height, cfg.teacher.input_width), dtype=np.float32)
     info = tracker.log_model(teacher, "model", example, config=teacher.spec, alias=alias,
-                             registered_name=registered_model_name("teacher", cfg.data.dataset), version_tags=tags)
+                             registered_name=registered_model_name("teacher", cfg.data.dataset), version_tags=tags,
+                             description=version_description("teacher", test_metrics, head, lineage))
     if info is not None:
         stage.model_uri, stage.registered_version = info.model_uri, getattr(info, "registered_model_version", None)
 
@@ -219,9 +250,12 @@ def train_student_stage(cfg: Config, data_root: Path, *, teacher_ref: str, bank_
     from dkd_ray.train.runner import fit
     from dkd_ray.train.student_loop import train_student
 
-    tracker = _tracker(cfg, "train_student", experiment, run_name, storage_path)
+    tracker = _tracker(cfg, "train_student", experiment, run_name, storage_path, data_root=data_root)
     with _closing(tracker, storage_path, run_name):
-        tracker.set_tags({"teacher": teacher_ref})
+        from dkd_ray.tracking.lineage import teacher_model_uri
+
+        tracker.set_tags({"teacher": teacher_model_uri(teacher_ref, cfg.data.dataset, tracker.uri),
+                          "knowledge_bank": str(bank_path or "")})
         loop_config = {"config": cfg.to_dict(), "data_root": str(data_root),
                        "teacher_ref": worker_teacher_ref(teacher_ref), "bank_path": str(bank_path) if bank_path else "",
                        "run_name": run_name, "mlflow": _mlflow_settings(tracker, cfg, "train_student")}
@@ -236,18 +270,20 @@ def train_student_stage(cfg: Config, data_root: Path, *, teacher_ref: str, bank_
 
             annotations = validation_split(annotations, cfg.data.validation_fraction, cfg.train.seed)[1]
         report_student(stage, cfg, annotations, EvaluationArrays.load(evaluation_folder(checkpoint)), teacher_ref,
-                       tracker, output_dir)
+                       tracker, output_dir, bank_path=str(bank_path) if bank_path else None)
     return stage
 
 
 def report_student(stage: StageResult, cfg: Config, annotations, arrays, teacher_ref: str, tracker,
-                   output_dir: Path, *, alias: str | None = None) -> None:
+                   output_dir: Path, *, alias: str | None = None, bank_path: str | None = None) -> None:
     """From the student's evaluation arrays: the full protocol (files in ``output_dir``), the
     two-step reference, all logged in ``tracker``'s run; then log the model of
     ``stage.checkpoint`` and register it as ``dkd-student-<dataset>`` (with ``alias``)."""
     from dkd_ray.eval.pipeline import evaluate_arrays
     from dkd_ray.models.loading import load_model
     from dkd_ray.tracking import registered_model_name, version_tags
+    from dkd_ray.tracking.lineage import teacher_model_uri, version_description
+    from dkd_ray.train.state import run_fingerprint
 
     output_dir.mkdir(parents=True, exist_ok=True)
     report = evaluate_arrays(annotations, arrays.gallery, arrays.query_embeddings,
@@ -261,12 +297,17 @@ def report_student(stage: StageResult, cfg: Config, annotations, arrays, teacher
 
     student = load_model(stage.checkpoint, role="student")
     head = headline_prefix(stage.metrics, _layout(cfg))
-    tags = version_tags(cfg, {"mAP": stage.metrics.get(f"{head}/mAP", float("nan")),
-                              "top1": stage.metrics.get(f"{head}/top1", float("nan"))})
-    tags["teacher"] = teacher_ref
+    tags = version_tags(cfg, stage.metrics, head)
+    lineage = {"teacher": teacher_model_uri(teacher_ref, cfg.data.dataset, tracker.uri) if teacher_ref else None,
+               "knowledge bank": bank_path, "checkpoint": str(stage.checkpoint), "MLflow run": tracker.run_id,
+               "config digest": run_fingerprint(cfg, "student")}
+    tags["config_digest"] = lineage["config digest"]
+    tags.update({key: str(value) for key, value in (("teacher", lineage["teacher"]), ("knowledge_bank", bank_path))
+                 if value})
     example = np.random.default_rng(0).random((1, 3, cfg.data.short_side, cfg.data.short_side), dtype=np.float32)
     info = tracker.log_model(student, "model", example, config=student.spec, serialization="pickle", alias=alias,
-                             registered_name=registered_model_name("student", cfg.data.dataset), version_tags=tags)
+                             registered_name=registered_model_name("student", cfg.data.dataset), version_tags=tags,
+                             description=version_description("student", stage.metrics, head, lineage))
     if info is not None:
         stage.model_uri, stage.registered_version = info.model_uri, getattr(info, "registered_model_version", None)
 

@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     data_root, storage = prepare_driver(args, cfg)
-    name = f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}"
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    name = f"pipeline-{stamp}"  # the evaluation folder; the runs are named by their role (the UI cuts long names)
     if not args.skip_validation:
         report = validate_dataset(dataset_layout(cfg), data_root, box_rule=cfg.data.box_rule)
         print(report.format_summary())
@@ -78,10 +79,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"FAILED: {len(report.errors)} errors in {data_root}; fix them (jobs/validate_dataset.py) first")
             return 1
     experiment = experiment_name(args, cfg)
-    teacher = train_teacher_stage(cfg, data_root, storage_path=storage, experiment=experiment, run_name=f"{name}-teacher")
+    teacher = train_teacher_stage(cfg, data_root, storage_path=storage, experiment=experiment, run_name=f"teacher-{stamp}")
     output = evaluation_output(storage, name)
     student = train_student_stage(cfg, data_root, teacher_ref=teacher.checkpoint, bank_path=teacher.bank_path,
-                                  storage_path=storage, experiment=experiment, run_name=f"{name}-student",
+                                  storage_path=storage, experiment=experiment, run_name=f"student-{stamp}",
                                   output_dir=output)
     minutes = (time.perf_counter() - started) / 60
     print("\n" + format_metrics_table(student.metrics))
@@ -94,11 +95,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  checkpoints: {teacher.checkpoint}, {student.checkpoint}")
     print(f"  evaluation files (results.jsonl, plots): {publish_evaluation(output, storage, name)}")
     uri = os.environ["MLFLOW_TRACKING_URI"]
+    view = comparison_link(uri, experiment)
     if uri.startswith("sqlite:"):
         print(f"  look at the runs: .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+        print(f"  then open http://127.0.0.1:5000/{view} (teacher and student side by side)")
     else:
-        print(f"  look at the runs: open the MLflow UI of {uri}")
+        print(f"  look at the runs: {uri.rstrip('/')}/{view} (teacher and student side by side)")
     return 0
+
+
+def comparison_link(uri: str, experiment: str) -> str:
+    """The UI link (relative) to this pipeline's saved comparison of its runs."""
+    from mlflow import MlflowClient
+
+    from dkd_ray.tracking import PIPELINE_ENV, runs_view_link
+
+    try:
+        found = MlflowClient(uri).get_experiment_by_name(experiment)
+    except Exception:  # noqa: BLE001 - the server went away at the very end: the runs are spooled
+        found = None
+    if found is None:
+        return "#/experiments"
+    return runs_view_link(found.experiment_id, f"pipeline-{os.environ[PIPELINE_ENV]}")
 
 
 if __name__ == "__main__":

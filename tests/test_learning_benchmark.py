@@ -70,3 +70,41 @@ def test_the_demo_prints_the_benchmarked_no_kd_comparison_of_its_preset(tmp_path
     assert "paired difference +5.0 ± 1.0 points" in line and "3 seeds" in line
     assert no_kd_twin_line(preset("cuhk_sysu"), tmp_path / "table.json") == ""  # another recipe: not known
     assert no_kd_twin_line(preset("cpu-small"), tmp_path / "missing.json") == ""
+
+
+def test_a_given_teacher_folder_is_handed_to_every_run_with_its_bank(tmp_path, monkeypatch):
+    """--teacher: every run gets that checkpoint (absolute) and its bank/, one run per seed and
+    variant (the refactor that made checkpoints strings once broke this, after an hour of teacher)."""
+    import dkd_ray.stages as stages
+
+    calls = []
+
+    def student_stage(cfg, data_root, *, teacher_ref, bank_path, storage_path, experiment, run_name, output_dir):
+        calls.append((teacher_ref, str(bank_path), cfg.train.seed, run_name))
+        return stages.StageResult("student", str(tmp_path / run_name), {G100: 0.1})
+
+    monkeypatch.setattr(stages, "train_student_stage", student_stage)
+    monkeypatch.setattr(learning, "prepare_driver", lambda args, cfg: (tmp_path / "data", str(tmp_path / "runs")))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    teacher = tmp_path / "teacher"
+    (teacher / "bank").mkdir(parents=True)
+    assert learning.main(["--teacher", "teacher", "--variants", "nokd", "--seeds", "0", "1", "--stamp", "t",
+                          "--output", str(tmp_path / "out.md")]) == 0
+    assert [call[:3] for call in calls] == [(str(teacher), str(teacher / "bank"), 0),
+                                           (str(teacher), str(teacher / "bank"), 1)]
+    assert [call[3] for call in calls] == ["learning-t-nokd-s0", "learning-t-nokd-s1"]
+
+
+def test_the_teacher_it_trains_is_handed_on_as_its_checkpoint_uri(tmp_path, monkeypatch):
+    import dkd_ray.stages as stages
+
+    calls = []
+    checkpoint = str(tmp_path / "runs" / "learning-t-teacher" / "teacher_e024")  # stages return strings
+    monkeypatch.setattr(stages, "train_teacher_stage", lambda *a, **k: stages.StageResult("teacher", checkpoint, {}))
+    monkeypatch.setattr(stages, "train_student_stage", lambda cfg, data_root, **k: calls.append(k) or
+                        stages.StageResult("student", "s", {G100: 0.1}))
+    monkeypatch.setattr(learning, "prepare_driver", lambda args, cfg: (tmp_path / "data", str(tmp_path / "runs")))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert learning.main(["--variants", "nokd", "--seeds", "0", "--stamp", "t", "--output", str(tmp_path / "o.md")]) == 0
+    assert calls[0]["teacher_ref"] == checkpoint and calls[0]["bank_path"] == f"{checkpoint}/bank"

@@ -475,7 +475,7 @@ def test_server_still_down_at_close_spools_and_the_replay_delivers_everything(se
     assert spool == tmp_path / "mlflow_pending.jsonl" and spool.is_file()
     spooled = _spooled_metrics(spool)
     assert [(r["key"], r["step"]) for r in spooled] == [(k, s) for s in range(1, 20) for k in KEYS]  # in order
-    assert tracker.pending() == {"params": 0, "tags": 0, "metrics": 0, "artifacts": 0, "end": 0}
+    assert tracker.pending() == {"params": 0, "tags": 0, "metrics": 0, "artifacts": 0, "inputs": 0, "end": 0}
     (message,) = _messages(caplog, "still pending")
     assert str(spool) in message and "76 metric values" in message and "train/loss x19 (steps 1-19)" in message
     assert f"replay_mlflow.py --spool {spool} --tracking-uri {proxy.uri}" in message

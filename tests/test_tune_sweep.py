@@ -145,6 +145,6 @@ def test_one_teacher_and_one_knowledge_bank_serve_every_trial(sweep):
     state = _sweep_state(sweep["storage"])
     banks = {p.parent for p in storage.rglob("bank/part-*.parquet")}
     assert banks == {Path(state["bank_path"])}, banks
-    assert Path(state["bank_path"]).is_relative_to(storage / f"{NAME}-teacher")
+    assert Path(state["bank_path"]).is_relative_to(storage / f"teacher-{NAME}")
     assert not list((storage / "trials").rglob("bank")), "trials must not build banks"
-    assert len(list(storage.glob("*-teacher"))) == 1
+    assert len(list(storage.glob("teacher-*"))) == 1

@@ -97,7 +97,8 @@ def crown(champion: TrialSummary, cfg: Config, settings: dict[str, Any], *, data
     else:
         annotations = load_annotations(_layout(cfg), data_root, box_rule=cfg.data.box_rule)
         report_student(stage, cfg, annotations, EvaluationArrays.load(evaluation_folder(evaluated)),
-                       settings.get("teacher_ref", ""), tracker, output_dir, alias=ALIAS)
+                       settings.get("teacher_ref", ""), tracker, output_dir, alias=ALIAS,
+                       bank_path=settings.get("bank_path") or None)
     tracker.end()
     return {"trial_id": champion.trial_id, "run_id": champion.run_id, "checkpoint": champion.checkpoint,
             "metrics": stage.metrics, "model_uri": stage.model_uri, "version": stage.registered_version}

@@ -93,6 +93,7 @@ def _start(space: SearchSpace, cfg: Config, *, name: str, sweep_uri: str, data_r
            experiment: str, teacher_ref: str) -> dict[str, Any]:
     """A new sweep: its parent run and its settings file (sweep.json)."""
     from dkd_ray.tracking import Tracker, tracking_uri
+    from dkd_ray.tracking.lineage import sweep_description, sweep_view
 
     parent = Tracker(cfg.data.dataset, "tune_distill", experiment=experiment, run_name=name,
                      tags={"preset": cfg.preset, "sweep": name, "stage": space.stage})
@@ -101,6 +102,7 @@ def _start(space: SearchSpace, cfg: Config, *, name: str, sweep_uri: str, data_r
     parent.log_params({"sweep.metric": space.metric, "sweep.mode": space.mode, "sweep.num_samples": space.num_samples,
                        "sweep.scheduler": space.scheduler["type"]})
     parent.log_artifact(space.path, "search_space")
+    parent.set_description(sweep_description(sweep_view(parent, name, space.metric, sorted(space.space))))
     settings = {"name": name, "stage": space.stage, "metric": space.metric, "mode": space.mode,
                 "config": cfg.to_dict(), "data_root": str(data_root), "experiment": experiment,
                 "tracking_uri": tracking_uri(), "parent_run_id": parent.run_id,
@@ -129,7 +131,7 @@ def _teacher_and_bank(settings: dict[str, Any], cfg: Config, data_root: Path, sw
     else:
         log.info("training the sweep's teacher (on the training view: held-out identities stay unseen)")
         stage = train_teacher_stage(cfg, data_root, storage_path=sweep_uri, experiment=settings["experiment"],
-                                    run_name=f"{settings['name']}-teacher", parent_run_id=settings["parent_run_id"],
+                                    run_name=f"teacher-{settings['name']}", parent_run_id=settings["parent_run_id"],
                                     register=False)
         settings["teacher_ref"], bank = str(stage.checkpoint), stage.bank_path
     settings["bank_path"] = str(bank)

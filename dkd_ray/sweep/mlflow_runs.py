@@ -18,6 +18,7 @@ from ray import tune
 
 from dkd_ray import storage
 from dkd_ray.tracking import Tracker
+from dkd_ray.sweep.trial import trial_run_name
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class TrialRuns(tune.Callback):
             runs = storage.read_json(self.runs_file) or {}
             known = runs.get(trial.trial_id, {})
             tracker = Tracker(self.dataset, "tune_trial", experiment=self.experiment, uri=self.tracking_uri,
-                              run_name=str(trial), run_id=known.get("run_id"), owns_run=True,
+                              run_name=trial_run_name(trial.trial_id), run_id=known.get("run_id"), owns_run=True,
                               parent_run_id=self.parent_run_id, tags={"trial_id": trial.trial_id})
             tracker.start()
             self._trackers[trial.trial_id] = tracker

@@ -1,6 +1,6 @@
 """MLflow runs, model logging, the model registry and model loading (one module each:
-``naming``, ``redaction``, ``tracker``, ``spool``, ``model_logging``, ``registry``, ``loading``,
-``errors``).
+``naming``, ``redaction``, ``tracker``, ``spool``, ``model_logging``, ``registry``, ``lineage``,
+``loading``, ``errors``).
 
 Where runs go: ``tracking_uri()`` is ``MLFLOW_TRACKING_URI`` when set (a tracking server on a
 cluster), else a SQLite store ``<cwd>/mlflow.db`` with artifacts in ``<cwd>/mlartifacts``, which
@@ -9,6 +9,14 @@ once in the job's driver and hand it to the Ray workers (``Tracker(uri=...)``): 
 working directory is Ray's, not the user's.
 
 Layout: one experiment per dataset (``dkd-ray/<dataset>``, or ``--experiment``), one run per job.
+Experiments are created as training experiments (``mlflow.experimentKind``) with a description;
+runs are named by their role (``teacher-…``, ``student-…``, ``sweep-…``, ``trial-…``), carry
+MLflow's source tags (job script, git commit) and their dataset as a dataset input, and a
+description linking a saved runs-table view of their pipeline or sweep (``lineage``: an
+experiment tag the UI opens with ``?viewStateShareKey=``). Registered versions carry every
+headline metric under its full name, their teacher as a ``models:/`` URI, the knowledge bank,
+the config digest and a Markdown description; ``latest-good`` follows the newest version whose
+metrics are all finite.
 The runs of one pipeline (teacher, knowledge bank, student, evaluation) share the tag
 ``pipeline_id`` (``DKD_PIPELINE_ID`` in the environment, inherited by the jobs a pipeline
 submits); filter them in the UI with ``tags.pipeline_id = '<id>'``. Tags are used rather than
@@ -51,15 +59,16 @@ loads the serialised module (fine for pt2 from any source; pickle only from sour
 from .errors import ModelNotFoundError
 from .loading import PICKLE_ENV, load_model
 from .model_logging import CONFIG_FILE, STATE_DICT_FILE
-from .naming import (PIPELINE_ENV, experiment_name, new_pipeline_id, registered_model_name, tracking_uri,
-                     version_tags)
+from .naming import (NOTE_TAG, PIPELINE_ENV, experiment_name, new_pipeline_id, registered_model_name, runs_view_link,
+                     tracking_uri, version_tags)
 from .redaction import redact_params, redact_uri
-from .registry import UnmeasuredModelError, finite_headline, latest_registered, register_model, set_alias
+from .registry import (LATEST_GOOD_ALIAS, UnmeasuredModelError, all_metrics_finite, finite_headline, latest_registered,
+                       register_model, set_alias)
 from .spool import SPOOL_NAME, ReplayUnreachable, SpoolError
 from .spool import replay as replay_spool
 from .tracker import Tracker
 
-__all__ = ["CONFIG_FILE", "PICKLE_ENV", "PIPELINE_ENV", "SPOOL_NAME", "STATE_DICT_FILE", "ModelNotFoundError",
-           "ReplayUnreachable", "SpoolError", "Tracker", "UnmeasuredModelError", "finite_headline",
+__all__ = ["CONFIG_FILE", "LATEST_GOOD_ALIAS", "NOTE_TAG", "PICKLE_ENV", "PIPELINE_ENV", "SPOOL_NAME", "STATE_DICT_FILE", "ModelNotFoundError",
+           "ReplayUnreachable", "SpoolError", "Tracker", "UnmeasuredModelError", "all_metrics_finite", "finite_headline",
            "experiment_name", "latest_registered", "load_model", "new_pipeline_id", "redact_params", "redact_uri",
-           "register_model", "registered_model_name", "replay_spool", "set_alias", "tracking_uri", "version_tags"]
+           "register_model", "registered_model_name", "replay_spool", "runs_view_link", "set_alias", "tracking_uri", "version_tags"]

@@ -22,7 +22,8 @@ CONFIG_FILE = "config.json"
 
 
 def _log_model(model: nn.Module, name: str, input_example: np.ndarray, *, run_id: str,
-               config: Any, tags: Mapping[str, Any] | None, serialization: str) -> ModelInfo:
+               config: Any, tags: Mapping[str, Any] | None, serialization: str,
+               experiment_id: str | None = None) -> ModelInfo:
     import mlflow.pytorch
     import numpy as np
     import torch
@@ -33,6 +34,10 @@ def _log_model(model: nn.Module, name: str, input_example: np.ndarray, *, run_id
 
     if serialization not in ("auto", "pt2", "pickle"):
         raise ValueError(f"serialization must be auto, pt2 or pickle, got {serialization!r}")
+    if experiment_id is not None:
+        # MLflow files the logged model under the process's active experiment (the Default one
+        # unless set), not its run's: the UI would then show the run with no model.
+        mlflow.set_experiment(experiment_id=experiment_id)
     model = unwrap_model(model)
     was_training = model.training
     device = next(model.parameters(), torch.empty(0)).device

@@ -15,6 +15,7 @@ from dkd_ray.errors import InputError
 from .naming import tracking_uri
 
 HEADLINE_TAG = "mAP"
+LATEST_GOOD_ALIAS = "latest-good"  # the newest version whose every metric tag is finite
 
 
 class UnmeasuredModelError(InputError, ValueError):
@@ -28,6 +29,20 @@ def finite_headline(tags: Mapping[str, Any] | None) -> float | None:
     except (KeyError, TypeError, ValueError):
         return None
     return value if math.isfinite(value) else None
+
+def all_metrics_finite(tags: Mapping[str, Any] | None) -> bool:
+    """True when the headline is finite and no tag holding a number is nan or inf."""
+    if finite_headline(tags) is None:
+        return False
+    for value in (tags or {}).values():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            continue
+        if not math.isfinite(number):
+            return False
+    return True
+
 
 if TYPE_CHECKING:  # heavy imports stay lazy: importing dkd_ray must not import mlflow
     from mlflow.entities.model_registry import ModelVersion
@@ -44,8 +59,9 @@ def _use_uri(uri: str | None):
 
 
 def register_model(model_uri: str, name: str, *, tags: Mapping[str, Any] | None = None,
-                   alias: str | None = None, uri: str | None = None) -> ModelVersion:
-    """Register ``model_uri`` as a new version of ``name`` (created if missing); tag and alias it.
+                   alias: str | None = None, uri: str | None = None, description: str | None = None) -> ModelVersion:
+    """Register ``model_uri`` as a new version of ``name`` (created if missing); tag, describe
+    (Markdown) and alias it; ``latest-good`` moves to it when all its metric tags are finite.
     Refused (``UnmeasuredModelError``) unless ``tags`` carry a finite headline metric."""
     import mlflow
 
@@ -55,8 +71,13 @@ def register_model(model_uri: str, name: str, *, tags: Mapping[str, Any] | None 
     _use_uri(uri)
     version = mlflow.register_model(model_uri, name, await_registration_for=60,
                                     tags={k: str(v) for k, v in (tags or {}).items()})
+    client = _use_uri(uri)
+    if description:
+        client.update_model_version(name, version.version, description=description)
     if alias:
         set_alias(name, alias, version.version, uri=uri)
+    if all_metrics_finite(tags):
+        client.set_registered_model_alias(name, LATEST_GOOD_ALIAS, str(version.version))
     return version
 
 

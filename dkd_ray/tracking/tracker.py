@@ -26,7 +26,8 @@ from dkd_ray.errors import InputError
 
 from .errors import _is_rejection, _short
 from .model_logging import CONFIG_FILE, _log_model
-from .naming import PIPELINE_ENV, experiment_name, tracking_uri
+from .naming import (EXPERIMENT_KIND_TAG, NOTE_TAG, PIPELINE_ENV, SHARED_VIEW_TAG, TRAINING_KIND,
+                     experiment_description, experiment_name, source_tags, tracking_uri)
 from .redaction import _param_text, redact_params, redact_uri
 from .registry import HEADLINE_TAG, finite_headline, register_model, set_alias
 from .spool import (MetricTally, SpoolFile, create_spool, encode, metric_of, metric_record, replay_command,
@@ -94,6 +95,8 @@ class Tracker:
         self._pending_metrics: collections.deque = collections.deque()  # never a maxlen: see _spill_metrics
         self._max_buffered_metrics = max(1, int(max_buffered_metrics))
         self._pending_artifacts: list[tuple[str, str | None]] = []
+        self._pending_inputs: list[Any] = []  # mlflow DatasetInput entities (not spooled: see log_dataset)
+        self._experiment_id: str | None = None
         self._pending_end: tuple[str, int] | None = None  # set_terminated still to send (owned runs)
         self._end_queued = False
         self._artifact_dir: Path | None = None  # local copies of log_dict artifacts until sent
@@ -115,6 +118,18 @@ class Tracker:
     def run_id(self) -> str | None:
         """The MLflow run id, or None while the run could not be created (or when disabled)."""
         return self._run_id if self.enabled else None
+
+    @property
+    def experiment_id(self) -> str | None:
+        """The MLflow experiment's id once the run exists (None while MLflow is unreachable)."""
+        if not self.enabled or self._run_id is None:
+            return None
+        if self._experiment_id is None and self._client is not None:  # a run attached to, not created
+            try:
+                self._experiment_id = self._client.get_run(self._run_id).info.experiment_id
+            except Exception as error:  # noqa: BLE001 - best effort, like every call here
+                logger.warning("could not read MLflow run %s (%s)", self._run_id, _short(error))
+        return self._experiment_id
 
     def start(self) -> str | None:
         """Create (or attach to) the run now; returns its id, or None if MLflow is unreachable."""
@@ -180,7 +195,8 @@ class Tracker:
         spool), artifacts and the end status."""
         return {"params": len(self._pending_params), "tags": len(self._pending_tags),
                 "metrics": len(self._pending_metrics) + (self._spill.unsent if self._spill else 0),
-                "artifacts": len(self._pending_artifacts), "end": int(self._pending_end is not None)}
+                "artifacts": len(self._pending_artifacts), "inputs": len(self._pending_inputs),
+                "end": int(self._pending_end is not None)}
 
     # -------------------------------------------------------------- logging
     def log_config(self, cfg: Any) -> None:
@@ -204,6 +220,34 @@ class Tracker:
         fresh = {k: str(v) for k, v in redact_params(tags).items()}
         self._pending_tags.update(fresh)
         self._send("set tags", lambda: None, fresh={"tags": set(fresh)})
+
+    def set_description(self, text: str) -> None:
+        """The run's description (Markdown, shown on its page in the UI)."""
+        self.set_tags({NOTE_TAG: text})
+
+    def save_view(self, key: str, view: Mapping[str, Any]) -> bool:
+        """Store a runs-table view (``naming.saved_view``) in the experiment under ``key``, for
+        ``naming.runs_view_link(experiment_id, key)``; True once stored."""
+        if not self.enabled:
+            return False
+        return bool(self._send(f"save the runs view {key!r}", lambda: self._client.set_experiment_tag(
+            self.experiment_id, SHARED_VIEW_TAG + key, json.dumps(dict(view))) or True))
+
+    def log_dataset(self, name: str, source: str, digest: str, profile: Mapping[str, Any], *,
+                    context: str = "training") -> None:
+        """The run's dataset as an MLflow dataset input (the runs table's Dataset column): its
+        ``name``, ``source`` (folder or URI), ``digest`` (of the annotation table) and ``profile``
+        (split sizes). Sent with the rest; not spooled (the same facts are in the params and tags,
+        which are), so a run that never reaches the server misses only the link."""
+        if not self.enabled:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=name, digest=digest[:36], source_type="local" if "://" not in source else
+                          source.split("://", 1)[0], source=json.dumps({"uri": source}),
+                          profile=json.dumps(dict(profile), sort_keys=True))
+        self._pending_inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
+        self._send("log the dataset", lambda: None, fresh={"inputs": 1})
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Values may be floats, numpy or 0-d torch scalars; kept (with this step and the time
@@ -244,7 +288,7 @@ class Tracker:
                   config: Any = None, registered_name: str | None = None,
                   version_tags: Mapping[str, Any] | None = None,
                   tags: Mapping[str, Any] | None = None, serialization: str = "auto",
-                  alias: str | None = None) -> ModelInfo | None:
+                  alias: str | None = None, description: str | None = None) -> ModelInfo | None:
         """Log ``model`` (see the module docstring) and optionally register it as a new version.
 
         ``config``: a ``Config`` or dict stored as ``config.json`` for ``load_model(builder=...)``.
@@ -258,7 +302,7 @@ class Tracker:
             return None
         info = self._send(f"log model {name!r}", lambda: _log_model(
             model, name, input_example, run_id=self._run_id, config=config, tags=tags,
-            serialization=serialization))
+            serialization=serialization, experiment_id=self.experiment_id))
         if info is None:
             logger.warning("model %r was not logged to MLflow; the weights remain in the "
                            "checkpoints (%s)", name, self.checkpoint_dir or "the run's storage path")
@@ -270,17 +314,17 @@ class Tracker:
             self.set_tags({"registration": f"refused: {HEADLINE_TAG}={headline}"})
         elif registered_name:
             version = self.register_model(info.model_uri, registered_name, tags=version_tags,
-                                          alias=alias)
+                                          alias=alias, description=description)
             if version is not None:
                 info.registered_model_version = version.version
         return info
 
     def register_model(self, model_uri: str, name: str, *, tags: Mapping[str, Any] | None = None,
-                       alias: str | None = None) -> ModelVersion | None:
+                       alias: str | None = None, description: str | None = None) -> ModelVersion | None:
         if not self.enabled:
             return None
         return self._send(f"register {name!r}", lambda: register_model(
-            model_uri, name, tags=tags, alias=alias, uri=self.uri))
+            model_uri, name, tags=tags, alias=alias, uri=self.uri, description=description))
 
     def set_alias(self, name: str, alias: str, version: str | int) -> bool:
         if not self.enabled:
@@ -344,8 +388,8 @@ class Tracker:
             return
         experiment_id = _experiment_id(self._client, self.experiment, self.uri)
         run = self._client.create_run(experiment_id, start_time=self._start_ms or int(time.time() * 1000),
-                                      tags=dict(self._tags), run_name=self.run_name)
-        self._run_id = run.info.run_id
+                                      tags={**source_tags(self._tags["job"]), **self._tags}, run_name=self.run_name)
+        self._run_id, self._experiment_id = run.info.run_id, experiment_id
         logger.info("MLflow run %s (%s) in experiment %r at %s", self._run_id, self.run_name,
                     self.experiment, redact_uri(self.uri))
         if self._spill is not None:  # a crash from here on leaves a spool that names the run
@@ -400,6 +444,9 @@ class Tracker:
                 self._late_metrics.add(m.key, m.step)
             late["metric values"] += min(len(chunk), max(0, waited))
             waited -= len(chunk)
+        while self._pending_inputs:
+            self._refusable("log the dataset", lambda: self._client.log_inputs(self._run_id, [self._pending_inputs[0]]))
+            self._pending_inputs.pop(0)
         waited = len(self._pending_artifacts) - self._fresh.get("artifacts", 0)
         while self._pending_artifacts:
             path, artifact_path = self._pending_artifacts[0]
@@ -456,6 +503,7 @@ class Tracker:
     # -------------------------------------------------------------- the spool
     def _has_pending(self) -> bool:
         return bool(self._pending_params or self._pending_tags or self._pending_metrics or self._pending_artifacts
+                    or self._pending_inputs
                     or self._pending_end is not None or (self._spill is not None and self._spill.unsent))
 
     def _run_record(self) -> dict[str, Any]:
@@ -509,6 +557,10 @@ class Tracker:
         self._pending_tags.clear()
         self._pending_metrics.clear()
         self._pending_artifacts.clear()
+        if self._pending_inputs:
+            logger.warning("MLflow tracking at %s: the run's dataset input was not sent (its name, source and "
+                           "digest are in the spooled params and tags)", redact_uri(self.uri))
+            self._pending_inputs.clear()
         self._pending_end = None
         self.spool_path = path
         return path
@@ -635,10 +687,15 @@ def _experiment_id(client: Any, name: str, uri: str) -> str:
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older release or by hand
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+            if NOTE_TAG not in experiment.tags:
+                client.set_experiment_tag(experiment.experiment_id, NOTE_TAG, experiment_description(name))
         return experiment.experiment_id
     location = _local_artifact_location(uri, name)
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags={
+            EXPERIMENT_KIND_TAG: TRAINING_KIND, NOTE_TAG: experiment_description(name)})
     except MlflowException:  # created concurrently by another trial/job
         experiment = client.get_experiment_by_name(name)
         if experiment is None:

@@ -1,0 +1,135 @@
+"""Picking a model in the MLflow UI, in a real browser: a tiny pipeline (jobs/pipeline.py, local
+Ray) logs into a real ``mlflow server`` on 127.0.0.1, and headless Chromium (Debian's package,
+driven by Playwright) opens the pages a user opens. Assertions read the rendered pages; the
+screenshots are kept in ``test-artifacts/mlflow-ui/`` (or ``$DKD_TEST_ARTIFACTS/mlflow-ui``)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from tests.harness import mlflow_server
+from tests.tiny import TINY_OVERRIDES
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("DKD_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+SHOTS = Path(os.environ.get("DKD_TEST_ARTIFACTS", ROOT / "test-artifacts")) / "mlflow-ui"
+RENDER_TIMEOUT_MS = 60_000  # the UI's first load compiles a large bundle; 2 busy cores are slow
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_cuhk, tmp_path_factory):
+    """The runs of one tiny pipeline (teacher, bank, student, evaluation, registry) in a server."""
+    if CHROMIUM is None:
+        pytest.skip("no chromium on this machine (`make test` installs Debian's package where it can)")
+    root = tmp_path_factory.mktemp("ui")
+    with mlflow_server(root / "mlflow") as server:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri, "DKD_MLFLOW_CLOSE_TIMEOUT_S": "10"}
+        env.pop("RAY_ADDRESS", None)
+        env.pop("DKD_PIPELINE_ID", None)
+        command = [sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--data-root", str(tiny_cuhk),
+                   "--num-workers", "1", "--max-iters", "2", "--storage-path", str(root / "runs")]
+        for override in TINY_OVERRIDES:
+            command += ["--set", override]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=root)
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, output[-6000:]
+        from mlflow import MlflowClient
+
+        client = MlflowClient(server.uri, server.uri)
+        experiment = client.get_experiment_by_name("dkd-ray/synthetic")
+        runs = {run.info.run_name.split("-")[0]: run for run in client.search_runs([experiment.experiment_id])}
+        student_version = client.get_model_version("dkd-student-synthetic", "1")
+        yield SimpleNamespace(server=server, output=done.stdout, client=client, experiment=experiment, runs=runs,
+                              student_version=student_version, head=student_version.tags["headline"])
+
+
+@pytest.fixture(scope="module")
+def browser(pipeline):
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+def _open(browser, url: str, shot: str, *wait_for: str):
+    """Open ``url`` in a fresh page (a new user: nothing in the browser's storage), wait until
+    every text of ``wait_for`` is rendered (the UI polls, so the network never idles), screenshot
+    it; returns the page."""
+    # Wide: the runs table renders only the columns in view, and the assistant panel takes a third.
+    page = browser.new_context(viewport={"width": 2400, "height": 1100}).new_page()
+    page.set_default_timeout(RENDER_TIMEOUT_MS)
+    page.goto(url)
+    try:
+        for text in wait_for:
+            page.get_by_text(text, exact=False).first.wait_for()
+        page.wait_for_timeout(1000)  # cells that load after the first rows (models, datasets)
+    finally:  # what the page showed, also when it never showed the text
+        page.screenshot(path=str(SHOTS / f"{shot}.png"), full_page=True)
+    return page
+
+
+def test_the_printed_link_opens_the_pipelines_runs_side_by_side(pipeline, browser):
+    (link,) = re.findall(r"look at the runs: (http://\S+)", pipeline.output)
+    student, teacher = pipeline.runs["student"].info.run_name, pipeline.runs["teacher"].info.run_name
+    page = _open(browser, link, "1-pipeline-runs", student, teacher, "dkd-student-synthetic", "dkd-teacher-synthetic")
+    text = page.inner_text("body")
+    assert "Model training" in text and "Run Name" in text  # the training view, on the runs table
+    assert teacher in text and student in text and "2 matching runs" in text
+    head = pipeline.head  # the tiny data's largest gallery: cuhk_sysu/g10
+    for column in (f"{head}/mAP", f"teacher_gt/{head}/mAP", "Dataset", "Models", "Source"):
+        assert column in text, f"column {column} not shown"
+    assert "dkd-student-synthetic" in text and "dkd-teacher-synthetic" in text  # each run's registered model
+    assert "pipeline.py" in text  # the Source column
+    assert text.count("synthetic (") >= 2  # the Dataset column: name (digest) for both runs
+
+
+def test_the_experiment_opens_on_its_runs_with_its_description(pipeline, browser):
+    experiment = pipeline.experiment
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    page = _open(browser, f"{pipeline.server.uri}/#/experiments/{experiment.experiment_id}?workflowType=machine_learning",
+                 "2-experiment", "Run Name")
+    assert "/runs" in page.url
+    assert "runs of dkd-ray" in page.inner_text("body")
+
+
+def test_the_student_version_page_shows_metrics_teacher_lineage_and_description(pipeline, browser):
+    head = pipeline.head
+    page = _open(browser, f"{pipeline.server.uri}/#/models/dkd-student-synthetic/versions/1", "3-student-version",
+                 f"headline protocol {head}", "models:/dkd-teacher-synthetic/1")
+    text = page.inner_text("body")  # the description, rendered from Markdown, then the (paged) tags
+    assert re.search(r"protocol\s+mAP\s+top-1", text), "the description's metrics table is not rendered"
+    assert re.search(rf"{head}\s+[0-9.]+ %\s+[0-9.]+ %", text), "no headline row in the metrics table"
+    assert "knowledge bank:" in text and "config digest:" in text and "config_digest" in text
+    assert pipeline.runs["student"].info.run_name in text  # Source Run
+    tags = pipeline.student_version.tags  # the full metric names, as the tag list holds them
+    assert {f"{head}/mAP", f"{head}/top1", "det/ap", f"two_step/{head}/mAP"} <= set(tags)
+    assert tags["teacher"] == "models:/dkd-teacher-synthetic/1" and tags["knowledge_bank"].endswith("/bank")
+    logged = pipeline.client.get_logged_model(pipeline.student_version.model_id)  # MLflow 3's logged model:
+    assert logged.source_run_id == pipeline.runs["student"].info.run_id  # linked to its run,
+    assert logged.experiment_id == pipeline.experiment.experiment_id  # in the run's experiment (not Default),
+    assert {f"{head}/mAP", f"{head}/top1", "det/ap"} <= {m.key for m in logged.metrics}  # with its metrics
+    aliases = pipeline.client.get_registered_model("dkd-student-synthetic").aliases
+    assert ("latest-good" in text) == ("latest-good" in aliases)
+
+
+def test_a_runs_description_links_to_its_pipelines_comparison(pipeline, browser):
+    run = pipeline.runs["student"]
+    page = _open(browser, f"{pipeline.server.uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+                 "?workflowType=machine_learning", "4-student-run", "teacher and student, side by side")
+    assert "Logged models (1)" in page.inner_text("body") or "dkd-student-synthetic" in page.inner_text("body")
+    href = page.get_by_text("teacher and student, side by side").first.get_attribute("href")
+    assert href.startswith("#/experiments/"), href  # relative: it works behind any host name or proxy
+    comparison = _open(browser, f"{pipeline.server.uri}/{href}", "5-comparison-from-run", "2 matching runs")
+    assert pipeline.runs["teacher"].info.run_name in comparison.inner_text("body")
