@@ -5,7 +5,7 @@ A student's mAP means little without it (most candidates are negatives, so chanc
 below 1 / gallery size). Reads the evaluation arrays a student run stores with its final
 checkpoint (``<checkpoint>/evaluation``).
 
-  .venv/bin/python bench/chance_level.py --checkpoint runs/<run>-student/<final> --data-root <CUHK-SYSU folder>
+  .venv/bin/python bench/chance_level.py --checkpoint runs/student-<stamp>/<final> --data-root <CUHK-SYSU folder>
 """
 
 from __future__ import annotations

@@ -94,13 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  student: MLflow run {student.run_id}, registered dkd-student-{cfg.data.dataset} v{student.registered_version}")
     print(f"  checkpoints: {teacher.checkpoint}, {student.checkpoint}")
     print(f"  evaluation files (results.jsonl, plots): {publish_evaluation(output, storage, name)}")
+    from dkd_ray.tracking import redact_uri
+
     uri = os.environ["MLFLOW_TRACKING_URI"]
     view = comparison_link(uri, experiment)
     if uri.startswith("sqlite:"):
         print(f"  look at the runs: .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
         print(f"  then open http://127.0.0.1:5000/{view} (teacher and student side by side)")
     else:
-        print(f"  look at the runs: {uri.rstrip('/')}/{view} (teacher and student side by side)")
+        print(f"  look at the runs: {redact_uri(uri).rstrip('/')}/{view} (teacher and student side by side)")
     return 0
 
 

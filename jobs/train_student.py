@@ -56,7 +56,7 @@ def resolve_teacher(args, cfg, data_root, storage, name) -> tuple[str, str | Non
         return f"models:/{registered}/{latest.version}", None
     log.info("no teacher given and none registered as %s: training the teacher first", registered)
     stage = train_teacher_stage(cfg, data_root, storage_path=storage, experiment=experiment_name(args, cfg),
-                                run_name=f"{name}-teacher")
+                                run_name=f"teacher-{name}")
     return str(stage.checkpoint), stage.bank_path
 
 

@@ -116,7 +116,8 @@ def test_the_student_version_page_shows_metrics_teacher_lineage_and_description(
     tags = pipeline.student_version.tags  # the full metric names, as the tag list holds them
     assert {f"{head}/mAP", f"{head}/top1", "det/ap", f"two_step/{head}/mAP"} <= set(tags)
     assert tags["teacher"] == "models:/dkd-teacher-synthetic/1" and tags["knowledge_bank"].endswith("/bank")
-    logged = pipeline.client.get_logged_model(pipeline.student_version.model_id)  # MLflow 3's logged model:
+    (output,) = pipeline.client.get_run(pipeline.runs["student"].info.run_id).outputs.model_outputs
+    logged = pipeline.client.get_logged_model(output.model_id)  # MLflow 3's logged model:
     assert logged.source_run_id == pipeline.runs["student"].info.run_id  # linked to its run,
     assert logged.experiment_id == pipeline.experiment.experiment_id  # in the run's experiment (not Default),
     assert {f"{head}/mAP", f"{head}/top1", "det/ap"} <= {m.key for m in logged.metrics}  # with its metrics

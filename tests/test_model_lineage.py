@@ -157,3 +157,32 @@ def test_dataset_profile_counts_the_splits():
     annotations = SimpleNamespace(images=images, num_train_ids=4, queries=[0, 1])
     assert dataset_profile(annotations) == {"train_images": 2, "train_boxes": 5, "train_identities": 4,
                                             "test_images": 1, "queries": 2}
+
+
+def test_a_dataset_input_the_server_refuses_is_dropped_and_the_run_still_ends(store, monkeypatch, tmp_path):
+    from mlflow.exceptions import MlflowException
+
+    monkeypatch.setattr(MlflowClient, "log_inputs", lambda *a, **k: (_ for _ in ()).throw(
+        MlflowException("INTERNAL_ERROR: no dataset tables")))  # a 5xx that is not an outage
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x")
+    with Tracker("synthetic", "train_student", uri=store) as tracker:
+        tracker.log_dataset("synthetic", "/data", "ef" * 32, {"queries": 1})
+        tracker.log_artifact(notes)
+        tracker.log_metrics({"loss": 0.5})
+    run = MlflowClient(store).get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["loss"] == 0.5
+    assert [a.path for a in MlflowClient(store).list_artifacts(tracker.run_id)] == ["notes.txt"]
+    assert tracker.pending()["inputs"] == 0 and not tracker._offline
+
+
+def test_logging_a_model_leaves_the_process_active_experiment_as_it_was(store, monkeypatch):
+    import mlflow
+    from mlflow.tracking import fluent
+
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    model, example = _model_and_example()
+    with Tracker("synthetic", "train_student", uri=store, experiment="dkd-ray/elsewhere") as tracker:
+        info = tracker.log_model(model, "model", example)
+    assert mlflow.get_logged_model(info.model_id).experiment_id == tracker.experiment_id  # the run's experiment
+    assert fluent._active_experiment_id is None and "MLFLOW_EXPERIMENT_ID" not in __import__("os").environ

@@ -102,7 +102,7 @@ def _start(space: SearchSpace, cfg: Config, *, name: str, sweep_uri: str, data_r
     parent.log_params({"sweep.metric": space.metric, "sweep.mode": space.mode, "sweep.num_samples": space.num_samples,
                        "sweep.scheduler": space.scheduler["type"]})
     parent.log_artifact(space.path, "search_space")
-    parent.set_description(sweep_description(sweep_view(parent, name, space.metric, sorted(space.space))))
+    parent.set_description(sweep_description(sweep_view(parent, name, space.metric, sorted(space.space), space.mode)))
     settings = {"name": name, "stage": space.stage, "metric": space.metric, "mode": space.mode,
                 "config": cfg.to_dict(), "data_root": str(data_root), "experiment": experiment,
                 "tracking_uri": tracking_uri(), "parent_run_id": parent.run_id,

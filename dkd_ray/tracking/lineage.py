@@ -4,6 +4,7 @@ the dataset input of a run, a run's description linking its siblings, a version'
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any, Mapping
@@ -47,13 +48,14 @@ def pipeline_view(tracker: Any, pipeline_id: str | None, head: str) -> str | Non
     return runs_view_link(tracker.experiment_id, key) if tracker.save_view(key, view) else None
 
 
-def sweep_view(tracker: Any, name: str, metric: str, params: list[str]) -> str | None:
+def sweep_view(tracker: Any, name: str, metric: str, params: list[str], mode: str = "max") -> str | None:
     """Save the comparison of a sweep's trials (nested under ``tracker``'s run): its metric and
     searched params as columns, best first; returns its link."""
     if tracker.run_id is None:
         return None
     key = f"sweep-{name}"
-    view = saved_view(f"tags.mlflow.parentRunId = '{tracker.run_id}'", metrics=[metric], params=params, order_by=metric)
+    view = saved_view(f"tags.mlflow.parentRunId = '{tracker.run_id}'", metrics=[metric], params=params, order_by=metric,
+                      ascending=mode == "min")
     return runs_view_link(tracker.experiment_id, key) if tracker.save_view(key, view) else None
 
 
@@ -101,6 +103,7 @@ def _percent(value: Any) -> str:
     return f"{100 * number:.1f} %" if math.isfinite(number) else str(number)
 
 
+@functools.lru_cache(maxsize=32)  # asked at the start and at the end of a student stage
 def teacher_model_uri(teacher_ref: str, dataset: str, uri: str | None = None) -> str:
     """``teacher_ref`` as the registry names it: ``models:/dkd-teacher-<dataset>/<version>`` when
     a version of that model was logged from this checkpoint (its ``checkpoint`` tag), the

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -24,6 +26,39 @@ CONFIG_FILE = "config.json"
 def _log_model(model: nn.Module, name: str, input_example: np.ndarray, *, run_id: str,
                config: Any, tags: Mapping[str, Any] | None, serialization: str,
                experiment_id: str | None = None) -> ModelInfo:
+    if serialization not in ("auto", "pt2", "pickle"):
+        raise ValueError(f"serialization must be auto, pt2 or pickle, got {serialization!r}")
+    with _active_experiment(experiment_id):
+        return _log_model_in_experiment(model, name, input_example, run_id=run_id, config=config, tags=tags,
+                                        serialization=serialization)
+
+
+@contextmanager
+def _active_experiment(experiment_id: str | None):
+    """MLflow files a logged model under the process's active experiment (the Default one unless
+    set), not under its run's, and the UI then shows the run without its model: make the run's
+    experiment the active one for the call, then restore what was active (other trackers, the
+    environment variable MLflow sets, subprocesses)."""
+    import mlflow
+    from mlflow.tracking import fluent
+
+    if experiment_id is None:
+        yield
+        return
+    saved_id, saved_env = fluent._active_experiment_id, os.environ.get("MLFLOW_EXPERIMENT_ID")
+    try:
+        mlflow.set_experiment(experiment_id=experiment_id)
+        yield
+    finally:
+        fluent._active_experiment_id = saved_id
+        if saved_env is None:
+            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+        else:
+            os.environ["MLFLOW_EXPERIMENT_ID"] = saved_env
+
+
+def _log_model_in_experiment(model: nn.Module, name: str, input_example: np.ndarray, *, run_id: str,
+                             config: Any, tags: Mapping[str, Any] | None, serialization: str) -> ModelInfo:
     import mlflow.pytorch
     import numpy as np
     import torch
@@ -32,12 +67,6 @@ def _log_model(model: nn.Module, name: str, input_example: np.ndarray, *, run_id
 
     from dkd_ray.train.checkpoint import cpu_copy, unwrap_model
 
-    if serialization not in ("auto", "pt2", "pickle"):
-        raise ValueError(f"serialization must be auto, pt2 or pickle, got {serialization!r}")
-    if experiment_id is not None:
-        # MLflow files the logged model under the process's active experiment (the Default one
-        # unless set), not its run's: the UI would then show the run with no model.
-        mlflow.set_experiment(experiment_id=experiment_id)
     model = unwrap_model(model)
     was_training = model.training
     device = next(model.parameters(), torch.empty(0)).device

@@ -55,13 +55,15 @@ SHARED_VIEW_TAG = "mlflow.sharedViewState."  # + key: an experiment tag holding 
 DEFAULT_COLUMNS = ["attributes.`Source`", "attributes.`Models`", "attributes.`Dataset`"]  # the UI's own defaults
 
 
-def saved_view(search_filter: str, metrics: list[str], params: list[str] = (), order_by: str | None = None) -> dict:
+def saved_view(search_filter: str, metrics: list[str], params: list[str] = (), order_by: str | None = None,
+               ascending: bool = False) -> dict:
     """A runs-table view as the UI stores a shared one: the filter, sorted by ``order_by`` (best
-    first), with the given metric and param columns shown beside the UI's default ones."""
+    first: descending unless ``ascending``), with the given metric and param columns shown beside
+    the UI's default ones."""
     columns = DEFAULT_COLUMNS + [f"metrics.`{m}`" for m in metrics] + [f"params.`{p}`" for p in params]
     view = {"searchFilter": search_filter, "selectedColumns": columns}
     if order_by:
-        view.update(orderByKey=f"metrics.`{order_by}`", orderByAsc=False)
+        view.update(orderByKey=f"metrics.`{order_by}`", orderByAsc=ascending)
     return view
 
 
@@ -86,14 +88,16 @@ def version_tags(cfg: Any, metrics: Mapping[str, float] | None = None, headline:
         tags["mAP"] = _metric_text(metrics.get(f"{headline}/mAP", float("nan")))  # missing: refused
         if f"{headline}/top1" in metrics:
             tags["top1"] = _metric_text(metrics[f"{headline}/top1"])
-    tags.update({key: _metric_text(value) for key, value in metrics.items() if _is_headline_metric(key)})
+    tags.update({key: _metric_text(value) for key, value in metrics.items()
+                 if _is_listed_metric(key) or (headline is None and "/" not in key)})
     return tags
 
 
-def _is_headline_metric(key: str) -> bool:
+def _is_listed_metric(key: str) -> bool:
     """What a version's tags list: mAP and top-1 of every protocol, and detection AP / recall
-    (not top-5/10 or query counts, which would bury them in the UI's paged tag list)."""
-    return key.endswith(("/mAP", "/top1")) or key.startswith("det/") or "/" not in key
+    (not top-5/10, query counts or progress counters, which would bury them in the UI's paged
+    tag list). Without a headline, plain keys (``mAP``, ``top1``) are taken as given."""
+    return key.endswith(("/mAP", "/top1")) or key.startswith("det/")
 
 
 def _metric_text(value: Any) -> str:

@@ -7,6 +7,7 @@ version in the UI, and "newest registered teacher" or a sweep's champion could p
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -14,8 +15,11 @@ from dkd_ray.errors import InputError
 
 from .naming import tracking_uri
 
+logger = logging.getLogger(__name__)
+
 HEADLINE_TAG = "mAP"
-LATEST_GOOD_ALIAS = "latest-good"  # the newest version whose every metric tag is finite
+LATEST_GOOD_ALIAS = "latest-good"  # the newest version whose headline and detection figures are finite
+GOOD_TAGS = (HEADLINE_TAG, "top1")  # plus every det/... tag
 
 
 class UnmeasuredModelError(InputError, ValueError):
@@ -31,16 +35,18 @@ def finite_headline(tags: Mapping[str, Any] | None) -> float | None:
     return value if math.isfinite(value) else None
 
 def all_metrics_finite(tags: Mapping[str, Any] | None) -> bool:
-    """True when the headline is finite and no tag holding a number is nan or inf."""
+    """True when the headline mAP / top-1 and every detection figure (``det/...``) are finite.
+    Other protocols may be nan by design (a gallery or cross-camera protocol with no query that
+    can be evaluated on small data) and do not make a version bad."""
     if finite_headline(tags) is None:
         return False
-    for value in (tags or {}).values():
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            continue
-        if not math.isfinite(number):
-            return False
+    for key, value in (tags or {}).items():
+        if key in GOOD_TAGS or key.startswith("det/"):
+            try:
+                if not math.isfinite(float(value)):
+                    return False
+            except (TypeError, ValueError):
+                return False
     return True
 
 
@@ -72,12 +78,15 @@ def register_model(model_uri: str, name: str, *, tags: Mapping[str, Any] | None 
     version = mlflow.register_model(model_uri, name, await_registration_for=60,
                                     tags={k: str(v) for k, v in (tags or {}).items()})
     client = _use_uri(uri)
-    if description:
-        client.update_model_version(name, version.version, description=description)
     if alias:
         set_alias(name, alias, version.version, uri=uri)
     if all_metrics_finite(tags):
         client.set_registered_model_alias(name, LATEST_GOOD_ALIAS, str(version.version))
+    if description:  # last: a courtesy that must not cost the version its aliases
+        try:
+            client.update_model_version(name, version.version, description=description)
+        except Exception as error:  # noqa: BLE001
+            logger.warning("%s version %s registered without its description: %s", name, version.version, error)
     return version
 
 

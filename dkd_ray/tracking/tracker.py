@@ -444,8 +444,13 @@ class Tracker:
                 self._late_metrics.add(m.key, m.step)
             late["metric values"] += min(len(chunk), max(0, waited))
             waited -= len(chunk)
-        while self._pending_inputs:
-            self._refusable("log the dataset", lambda: self._client.log_inputs(self._run_id, [self._pending_inputs[0]]))
+        while self._pending_inputs:  # after the run's own data: a link, never worth blocking the queue for
+            try:
+                self._client.log_inputs(self._run_id, [self._pending_inputs[0]])
+            except Exception as error:
+                if _is_unreachable(error):
+                    raise
+                logger.warning("MLflow did not take the run's dataset input; dropped: %s", _short(error))
             self._pending_inputs.pop(0)
         waited = len(self._pending_artifacts) - self._fresh.get("artifacts", 0)
         while self._pending_artifacts:
@@ -628,6 +633,14 @@ class Tracker:
         elif late:
             message.append("nothing is pending")
         logger.warning("; ".join(message))
+
+
+def _is_unreachable(error: Exception) -> bool:
+    """The server did not answer (connection refused, timeout, retries exhausted), as opposed to
+    an answer refusing the request."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(error, OSError) or (isinstance(error, MlflowException) and "API request to" in str(error))
 
 
 def _close_timeout(value: float | None) -> float:
