@@ -254,8 +254,8 @@ def train_student_stage(cfg: Config, data_root: Path, *, teacher_ref: str, bank_
     with _closing(tracker, storage_path, run_name):
         from dkd_ray.tracking.lineage import teacher_model_uri
 
-        tracker.set_tags({"teacher": teacher_model_uri(teacher_ref, cfg.data.dataset, tracker.uri),
-                          "knowledge_bank": str(bank_path or "")})
+        teacher_uri = teacher_model_uri(teacher_ref, cfg.data.dataset, tracker.uri)  # one registry lookup
+        tracker.set_tags({"teacher": teacher_uri, "knowledge_bank": str(bank_path or "")})
         loop_config = {"config": cfg.to_dict(), "data_root": str(data_root),
                        "teacher_ref": worker_teacher_ref(teacher_ref), "bank_path": str(bank_path) if bank_path else "",
                        "run_name": run_name, "mlflow": _mlflow_settings(tracker, cfg, "train_student")}
@@ -270,12 +270,13 @@ def train_student_stage(cfg: Config, data_root: Path, *, teacher_ref: str, bank_
 
             annotations = validation_split(annotations, cfg.data.validation_fraction, cfg.train.seed)[1]
         report_student(stage, cfg, annotations, EvaluationArrays.load(evaluation_folder(checkpoint)), teacher_ref,
-                       tracker, output_dir, bank_path=str(bank_path) if bank_path else None)
+                       tracker, output_dir, bank_path=str(bank_path) if bank_path else None, teacher_uri=teacher_uri)
     return stage
 
 
 def report_student(stage: StageResult, cfg: Config, annotations, arrays, teacher_ref: str, tracker,
-                   output_dir: Path, *, alias: str | None = None, bank_path: str | None = None) -> None:
+                   output_dir: Path, *, alias: str | None = None, bank_path: str | None = None,
+                   teacher_uri: str | None = None) -> None:
     """From the student's evaluation arrays: the full protocol (files in ``output_dir``), the
     two-step reference, all logged in ``tracker``'s run; then log the model of
     ``stage.checkpoint`` and register it as ``dkd-student-<dataset>`` (with ``alias``)."""
@@ -298,7 +299,9 @@ def report_student(stage: StageResult, cfg: Config, annotations, arrays, teacher
     student = load_model(stage.checkpoint, role="student")
     head = headline_prefix(stage.metrics, _layout(cfg))
     tags = version_tags(cfg, stage.metrics, head)
-    lineage = {"teacher": teacher_model_uri(teacher_ref, cfg.data.dataset, tracker.uri) if teacher_ref else None,
+    if teacher_uri is None and teacher_ref:  # the registry's name for it, unless the caller looked it up
+        teacher_uri = teacher_model_uri(teacher_ref, cfg.data.dataset, tracker.uri)
+    lineage = {"teacher": teacher_uri or None,
                "knowledge bank": bank_path, "checkpoint": str(stage.checkpoint), "MLflow run": tracker.run_id,
                "config digest": run_fingerprint(cfg, "student")}
     tags["config_digest"] = lineage["config digest"]

@@ -4,7 +4,6 @@ the dataset input of a run, a run's description linking its siblings, a version'
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from typing import Any, Mapping
@@ -103,7 +102,6 @@ def _percent(value: Any) -> str:
     return f"{100 * number:.1f} %" if math.isfinite(number) else str(number)
 
 
-@functools.lru_cache(maxsize=32)  # asked at the start and at the end of a student stage
 def teacher_model_uri(teacher_ref: str, dataset: str, uri: str | None = None) -> str:
     """``teacher_ref`` as the registry names it: ``models:/dkd-teacher-<dataset>/<version>`` when
     a version of that model was logged from this checkpoint (its ``checkpoint`` tag), the
