@@ -128,6 +128,15 @@ class DistillConfig:
     # from the knowledge bank: one positive and K-1 negatives per anchor).
     contrast: str = "batch"
     ramp_epochs: float = 0.0  # KD weights ramp linearly from 0 over this many epochs (0: full from the start)
+    # lambda_feat of feature mimicry (ours, not the paper's; 0: off): each distilled row's student
+    # embedding, through the triplet term's projection phi, regressed onto the teacher's embedding
+    # of its box by cosine distance. Unlike the relational terms it never saturates.
+    feat_weight: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        """Some KD term is on (distillation enabled and a weight above 0)."""
+        return self.enabled and max(self.prob_weight, self.pair_weight, self.tri_weight, self.feat_weight) > 0
 
 
 @dataclass
@@ -260,7 +269,7 @@ class Config:
         _check(s.roi_output_size >= 2, "student.roi_output_size", s.roi_output_size, ">= 2")
         _check(s.oim_queue_size >= 1, "student.oim_queue_size", s.oim_queue_size, ">= 1")
         _check(0.0 <= s.oim_momentum < 1.0, "student.oim_momentum", s.oim_momentum, "in [0, 1)")
-        for key in ("prob_weight", "pair_weight", "tri_weight"):
+        for key in ("prob_weight", "pair_weight", "tri_weight", "feat_weight"):
             _check(getattr(k, key) >= 0, f"distill.{key}", getattr(k, key), ">= 0")
         _check(k.temperature > 0, "distill.temperature", k.temperature, "> 0")
         _check(k.rows in ("gt", "matched"), "distill.rows", k.rows, "gt or matched")

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from dkd_ray.config import DistillConfig
 from dkd_ray.distill.losses import (
     DistillationLoss,
+    feature_mimicry,
     pairwise_relation_kd,
     probability_kd,
     triplet_relation_kd,
@@ -249,3 +250,44 @@ def test_distillation_loss_prototype_keys():
     out = loss(torch.tensor([[1.0, 0.0]]), None, torch.randn(1, 2), None, torch.tensor([0]))
     assert out["loss_kd_tri"].item() == pytest.approx(-math.log(math.e / (math.e + 1 + 1 / math.e)), rel=1e-6)
     assert "prototypes" not in loss.state_dict()  # rebuilt from the bank, never saved with the model
+
+
+# ------------------------------------------------------------------------------ feature mimicry (ours)
+def test_feature_mimicry_hand_computed():
+    # Row 0 points the teacher's way (cos 1, distance 0), row 1 at 90 degrees (cos 0, distance 1),
+    # row 2 the opposite way (cos -1, distance 2); scale does not matter. Mean: (0 + 1 + 2) / 3.
+    student = torch.tensor([[2.0, 0.0], [0.0, 1.0], [-3.0, 0.0]])
+    teacher = torch.tensor([[1.0, 0.0], [5.0, 0.0], [1.0, 0.0]])
+    assert feature_mimicry(student, teacher).item() == pytest.approx(1.0, rel=1e-6)
+    with pytest.raises(ValueError, match="project the student embedding first"):
+        feature_mimicry(torch.randn(2, 3), torch.randn(2, 4))
+
+
+def test_feature_mimicry_keeps_pulling_where_the_triplet_term_has_saturated():
+    # Two identities, student already ranks them the teacher's way (triplet loss ~0 at tau=0.1),
+    # but each row is 60 degrees off its teacher row: mimicry still has a gradient.
+    angle = math.pi / 3
+    teacher = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
+    student = torch.tensor([[math.cos(angle), math.sin(angle), 0.0],
+                            [-math.cos(angle), 0.0, math.sin(angle)]], requires_grad=True)
+    pids = torch.tensor([0, 1])
+    assert triplet_relation_kd(student, teacher, pids, 0.1).item() < 1e-3
+    loss = feature_mimicry(student, teacher)
+    assert loss.item() == pytest.approx(0.5, rel=1e-6)
+    loss.backward()
+    assert student.grad.abs().sum() > 0.1
+
+
+def test_distillation_loss_feature_mimicry_uses_the_projection_and_is_off_by_default():
+    student_emb, _, teacher_emb, _, pids = _inputs()
+    assert "loss_kd_feat" not in _loss((1.0, 1.0, 1.0))(*_inputs())
+    cfg = DistillConfig(prob_weight=0, pair_weight=0, tri_weight=0, feat_weight=2.0)
+    assert cfg.active and not DistillConfig(prob_weight=0, pair_weight=0, tri_weight=0).active
+    torch.manual_seed(0)
+    loss = DistillationLoss(cfg, student_dim=8, teacher_dim=16)
+    out = loss(student_emb, None, teacher_emb, None, pids)
+    assert set(out) == {"loss_kd_feat"}
+    expected = 2.0 * feature_mimicry(loss.projection(student_emb), teacher_emb)
+    assert out["loss_kd_feat"].item() == pytest.approx(expected.item(), rel=1e-6)
+    out["loss_kd_feat"].backward()
+    assert loss.projection.weight.grad.abs().sum() > 0 and teacher_emb.grad is None

@@ -317,3 +317,17 @@ def test_distilled_student_on_matched_rows_with_prototype_keys():
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     assert model.distill_loss.projection.weight.grad is not None
+
+
+def test_distilled_student_feature_mimicry_on_matched_rows():
+    images, targets = two_scenes()
+    torch.manual_seed(0)
+    model = build_distilled_student(small_config(**{"distill.rows": "matched", "distill.feat_weight": 10.0,
+                                                    "distill.tri_weight": 0.0}), NUM_IDS).train()
+    losses = model(images, targets, torch.nn.functional.normalize(torch.randn(5, 512), dim=1),
+                   torch.randn(5, NUM_IDS))
+    assert "loss_kd_feat" in losses and "loss_kd_tri" not in losses
+    # The mean cosine distance over rows lies in [0, 2]; times the weight.
+    assert 0.0 < losses["loss_kd_feat"].item() <= 20.0
+    sum(losses.values()).backward()
+    assert model.distill_loss.projection.weight.grad.abs().sum() > 0

@@ -29,7 +29,13 @@ all other teacher embeddings of the batch negatives::
     L_tri = 1 / M * sum_i  -1 / |P(i)| * sum_{p in P(i)}
             log( exp(cos(g_i, f^t_p) / tau) / sum_{a=1..M} exp(cos(g_i, f^t_a) / tau) )
 
-Total student loss: detection + OIM + lambda_prob L_prob + lambda_pair L_pair + lambda_tri L_tri.
+Feature mimicry (this project's option, off by default): the projected student embedding of each
+distilled row points where the teacher's embedding of its box points::
+
+    L_feat = 1 / M * sum_i (1 - cos(g_i, f^t_i))
+
+Total student loss: detection + OIM + lambda_prob L_prob + lambda_pair L_pair + lambda_tri L_tri
+(+ lambda_feat L_feat).
 The default values of ``T``, ``tau`` and the ``lambda``s in ``DistillConfig`` are this project's
 defaults, explored by Tune; they are not the paper's published constants.
 
@@ -120,14 +126,34 @@ def triplet_relation_kd(student_proj: Tensor, teacher_emb: Tensor, pids: Tensor,
     return (-(log_prob * positives).sum(dim=1) / counts).mean()
 
 
+def feature_mimicry(student_proj: Tensor, teacher_emb: Tensor) -> Tensor:
+    """``L_feat``: mean cosine distance between each projected student row and its teacher row.
+
+    The relational terms stop pulling once the student ranks a batch's few boxes the teacher's
+    way; this one keeps pulling every row towards the teacher's view of its box.
+
+    Args:
+        student_proj: ``[M, d]`` projected student embeddings ``g_i``; teacher_emb: ``[M, d]``.
+    """
+    _check_rows("feature_mimicry", student_proj, teacher_emb)
+    if student_proj.shape[1] != teacher_emb.shape[1]:
+        raise ValueError(f"feature_mimicry: projected student dim {student_proj.shape[1]} != teacher dim "
+                         f"{teacher_emb.shape[1]}; project the student embedding first")
+    if student_proj.shape[0] == 0:
+        return _zero_like(student_proj)
+    cos = F.cosine_similarity(student_proj.float(), teacher_emb.detach().float(), dim=1)
+    return (1.0 - cos).mean()
+
+
 class DistillationLoss(nn.Module):
     """The weighted KD terms of one student step, plus the training-only projection ``phi``.
 
     ``phi`` is one ``nn.Linear(student_dim, teacher_dim)``. Linear on purpose: a deeper head could
     learn the teacher's relations itself and spare the student embedding (which is what inference
     uses) from learning them; a linear map can only expose structure the embedding already has.
+    Feature mimicry (``feat_weight > 0``) uses the same ``phi``.
     No BatchNorm: a step can hold a single labelled box, where training-mode BN fails. ``phi`` is
-    created only when ``tri_weight > 0``, and it is run on every call (even with no labelled box)
+    created only when ``tri_weight > 0`` or ``feat_weight > 0``, and it is run on every call (even with no labelled box)
     so that DDP sees all of its parameters used. Make this module a submodule of the DDP-wrapped
     student (or wrap it too) so that ``phi``'s gradients are averaged across workers; it is not
     needed at inference.
@@ -140,7 +166,8 @@ class DistillationLoss(nn.Module):
     def __init__(self, cfg: DistillConfig, student_dim: int, teacher_dim: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.projection = nn.Linear(student_dim, teacher_dim) if cfg.enabled and cfg.tri_weight > 0 else None
+        uses_phi = cfg.enabled and max(cfg.tri_weight, cfg.feat_weight) > 0
+        self.projection = nn.Linear(student_dim, teacher_dim) if uses_phi else None
         # contrast="prototypes": the teacher's identity means [K, dt] (set_prototypes); not saved
         # with the model (the bank rebuilds them), not a parameter.
         self.register_buffer("prototypes", torch.zeros(0, teacher_dim), persistent=False)
@@ -157,7 +184,7 @@ class DistillationLoss(nn.Module):
         pids: Tensor,
         keys: tuple[Tensor, Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        """Return ``{"loss_kd_prob", "loss_kd_pair", "loss_kd_tri"}``, each times its lambda.
+        """Return ``{"loss_kd_prob", "loss_kd_pair", "loss_kd_tri", "loss_kd_feat"}``, each times its lambda.
 
         Args:
             student_emb: ``[M, ds]`` student Re-ID embeddings of the labelled boxes.
@@ -186,6 +213,9 @@ class DistillationLoss(nn.Module):
                 losses["loss_kd_pair"] = cfg.pair_weight * pairwise_relation_kd(student_emb, teacher_emb)
             if self.projection is not None:
                 projected = self.projection(student_emb)
+                if cfg.feat_weight > 0:
+                    losses["loss_kd_feat"] = cfg.feat_weight * feature_mimicry(projected, teacher_emb)
+            if self.projection is not None and cfg.tri_weight > 0:
                 if cfg.contrast == "prototypes":
                     if len(self.prototypes) == 0:
                         raise ValueError("DistillationLoss: contrast=prototypes needs set_prototypes() first")

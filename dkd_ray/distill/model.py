@@ -70,7 +70,7 @@ def build_distilled_student(cfg: Config, num_train_ids: int, teacher_dim: int | 
     weights are 0). ``teacher_dim`` defaults to the embedding size of ``cfg.teacher.backbone``."""
     student = build_student(cfg, num_train_ids)
     d = cfg.distill
-    if not d.enabled or max(d.prob_weight, d.pair_weight, d.tri_weight) == 0:
+    if not d.active:
         return DistilledStudent(student, None)
     from dkd_ray.distill.losses import DistillationLoss
 

@@ -42,7 +42,7 @@ def build_teacher_knowledge(cfg: Config, loop_config: dict[str, Any], device: to
     been built on the same table (fingerprint) and over its ``num_train_ids`` classes. The online
     teacher (``teacher_ref``: checkpoint folder, MLflow URI or run id, resolved against the run's
     MLflow) gets crops of its own stored input size, not this run's ``teacher.input_*``."""
-    if not cfg.distill.enabled or not any((cfg.distill.prob_weight, cfg.distill.pair_weight, cfg.distill.tri_weight)):
+    if not cfg.distill.active:
         return None, None
     num_classes = annotations.num_train_ids if annotations is not None else None
     if cfg.distill.use_bank:
