@@ -206,6 +206,7 @@ def log_teacher_model(stage: StageResult, cfg: Config, tracker, test_metrics: di
         tags["knowledge_bank"] = str(bank_path)
     example = np.random.default_rng(0).random((1, 3, cfg.teacher.input_height, cfg.teacher.input_width), dtype=np.float32)
     info = tracker.log_model(teacher, "model", example, config=teacher.spec, alias=alias,
+                             checkpoint=str(stage.checkpoint),
                              registered_name=registered_model_name("teacher", cfg.data.dataset), version_tags=tags,
                              description=version_description("teacher", test_metrics, head, lineage))
     if info is not None:
@@ -309,6 +310,7 @@ def report_student(stage: StageResult, cfg: Config, annotations, arrays, teacher
                  if value})
     example = np.random.default_rng(0).random((1, 3, cfg.data.short_side, cfg.data.short_side), dtype=np.float32)
     info = tracker.log_model(student, "model", example, config=student.spec, serialization="pickle", alias=alias,
+                             checkpoint=str(stage.checkpoint),
                              registered_name=registered_model_name("student", cfg.data.dataset), version_tags=tags,
                              description=version_description("student", stage.metrics, head, lineage))
     if info is not None:

@@ -19,6 +19,10 @@ One JSON object a line, ``kind`` first:
 - ``metric``: ``key``, ``value`` (null: not finite, sent as NaN as the tracker does), ``timestamp``
   (ms, when it was logged), ``step``; in the order they were logged;
 - ``artifact``: ``path`` (a local file or folder), ``artifact_path``;
+- ``model``: a model whose logging waited for the server (``pending_model.py``): ``name``, its
+  ``checkpoint``, ``serialization``, ``example_shape`` and what registering it needs
+  (``registered_name``, ``version_tags``, ``alias``, ``description``); the replay rebuilds it
+  from the checkpoint, logs it and registers it;
 - ``end``: ``status`` and ``end_ms`` (only for a run the tracker created).
 
 The replay is idempotent where MLflow allows: a metric value sent again with the same step and
@@ -236,6 +240,7 @@ class Spool:
     tags: dict[str, str] = field(default_factory=dict)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     artifacts: list[tuple[str, str | None]] = field(default_factory=list)
+    models: list[Any] = field(default_factory=list)  # PendingModel
     end: dict[str, Any] | None = None
 
 
@@ -291,6 +296,10 @@ def read_spool(path: str | os.PathLike) -> Spool:
                                       "timestamp": int(record["timestamp"]), "step": int(record["step"])})
             elif kind == "artifact":
                 spool.artifacts.append((str(record["path"]), record.get("artifact_path")))
+            elif kind == "model":
+                from .pending_model import PendingModel
+
+                spool.models.append(PendingModel.from_record(record))
             elif kind == "end":
                 spool.end = {"status": str(record["status"]), "end_ms": record.get("end_ms")}
             else:
@@ -316,6 +325,7 @@ class ReplayReport:
     tags: int = 0
     artifacts: int = 0
     missing_artifacts: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)  # "model (registered as <name> version <v>)"
     rejected: int = 0
     status: str | None = None  # the end status set, if any
     replayed_path: Path | None = None
@@ -328,6 +338,8 @@ class ReplayReport:
             parts.append(f"{len(self.params_conflicting)} params already set with another value, kept as they "
                          f"are: {', '.join(self.params_conflicting[:10])}")
         parts.append(f"{self.tags} tags, {self.artifacts} artifacts")
+        if self.models:
+            parts.append(f"models logged: {', '.join(self.models)}")
         if self.missing_artifacts:
             parts.append(f"missing artifacts not logged: {', '.join(self.missing_artifacts)}")
         if self.rejected:
@@ -448,6 +460,24 @@ def _replay(spool: Spool, uri: str) -> ReplayReport:
             report.missing_artifacts.append(local)
             continue
         report.artifacts += 1
+    for pending in spool.models:  # before the end status: a FINISHED run has its model
+        try:
+            pending.load()
+        except Exception as error:  # noqa: BLE001 - the checkpoint is gone or unreadable: nothing to log
+            logger.warning("model %r not logged: its checkpoint %s cannot be loaded (%s)", pending.name,
+                           pending.checkpoint, error)
+            report.missing_artifacts.append(str(pending.checkpoint))
+            continue
+        try:
+            info, version = pending.send(run_id, run.info.experiment_id, uri)
+        except Exception as error:  # noqa: BLE001 - an outage propagates: the spool stays as it is
+            if not _is_rejection(error):
+                raise
+            logger.warning("MLflow rejected model %r from %s: %s", pending.name, pending.checkpoint, error)
+            report.rejected += 1
+            continue
+        report.models.append(f"{info.model_uri}" + (f" (registered as {pending.registered_name} version {version})"
+                                                    if version else ""))
     if spool.end is not None:
         status = client.get_run(run_id).info.status
         if status == "RUNNING":
