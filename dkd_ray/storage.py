@@ -120,9 +120,28 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
     filesystem_, path = filesystem(uri)
     filesystem_.create_dir(path.rsplit("/", 1)[0], recursive=True)
     staging = f"{path}.tmp-{uuid.uuid4().hex[:12]}"  # unique across hosts, not only processes
-    with filesystem_.open_output_stream(staging) as stream:
-        stream.write(data)
-    filesystem_.move(staging, path)
+    try:
+        with filesystem_.open_output_stream(staging) as stream:
+            stream.write(data)
+        filesystem_.move(staging, path)
+    except BaseException:
+        remove(staging)  # a full disk must not keep a half-written file
+        raise
+
+
+def remove(uri: str | os.PathLike) -> None:
+    """Delete a file or a folder (recursively) if it exists; never raises."""
+    from pyarrow import fs
+
+    try:
+        filesystem_, path = filesystem(uri)
+        info = filesystem_.get_file_info(path)
+        if info.type == fs.FileType.Directory:
+            filesystem_.delete_dir(path)
+        elif info.type == fs.FileType.File:
+            filesystem_.delete_file(path)
+    except Exception as error:  # noqa: BLE001 - cleanup is best effort
+        log.warning("could not remove %s (%s)", os.fspath(uri), error)
 
 
 def read_json(uri: str | os.PathLike) -> dict[str, Any] | None:
