@@ -126,7 +126,10 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
             stream.write(data)
         filesystem_.move(staging, path)
     except BaseException:
-        remove(staging)  # a full disk must not keep a half-written file
+        try:  # a full disk must not keep a half-written file
+            filesystem_.delete_file(staging)
+        except Exception:  # noqa: BLE001 - the original error is the one to raise
+            pass
         raise
 
 

@@ -657,3 +657,31 @@ def test_a_model_still_waiting_at_close_is_spooled_with_its_checkpoint_and_the_r
     version = client.get_model_version_by_alias("dkd-teacher-spooled", "champion")
     assert version.run_id == run_id and float(version.tags["top1"]) == 0.6
     assert _same_weights(load_any_model("models:/dkd-teacher-spooled@champion", uri=server.uri), teacher)
+
+
+def test_a_registration_cut_off_by_an_outage_is_retried_without_logging_the_model_twice(
+        server, example, monkeypatch, tmp_path):
+    from dkd_ray.tracking import registry
+
+    real, calls = registry.register_model, []
+
+    def cut_once(*args, **kwargs):  # the server goes away between the log and the registration
+        calls.append(args)
+        if len(calls) == 1:
+            raise OSError("connection refused")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "register_model", cut_once)
+    cfg = preset("cpu-small")
+    tags = tracking.version_tags(cfg, {"cuhk_sysu/g100/mAP": 0.4, "cuhk_sysu/g100/top1": 0.5}, "cuhk_sysu/g100")
+    tracker = Tracker("synthetic", "teacher", uri=server.uri, checkpoint_dir=str(tmp_path), run_name="half-sent",
+                      retry_after_s=0.05, close_timeout_s=20)
+    run_id = tracker.start()
+    assert tracker.log_model(TinyNet(), "model", example, config={"hidden": 8}, serialization="pickle",
+                             registered_name="dkd-teacher-half", version_tags=tags) is None
+    assert tracker.pending()["models"] == 1
+    assert tracker.close() is None
+    client = MlflowClient(server.uri, server.uri)
+    assert len(client.get_run(run_id).outputs.model_outputs) == 1  # logged once
+    assert [v.version for v in client.search_model_versions("name = 'dkd-teacher-half'")] == ["1"]
+    assert len(calls) == 2

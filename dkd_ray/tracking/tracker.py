@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
 from dkd_ray.errors import InputError
 
 from .errors import _is_rejection, _short
-from .model_logging import CONFIG_FILE, _log_model
-from .pending_model import PendingModel
+from .model_logging import CONFIG_FILE
+from .pending_model import ModelNotLogged, PendingModel
 from .naming import (EXPERIMENT_KIND_TAG, NOTE_TAG, PIPELINE_ENV, SHARED_VIEW_TAG, TRAINING_KIND,
                      experiment_description, experiment_name, source_tags, tracking_uri)
 from .redaction import _param_text, redact_params, redact_uri
@@ -194,7 +194,7 @@ class Tracker:
 
     def pending(self) -> dict[str, int]:
         """What waits for the server now: counts of params, tags, metric values (memory and
-        spool), artifacts and the end status."""
+        spool), artifacts, dataset inputs, models and the end status."""
         return {"params": len(self._pending_params), "tags": len(self._pending_tags),
                 "metrics": len(self._pending_metrics) + (self._spill.unsent if self._spill else 0),
                 "artifacts": len(self._pending_artifacts), "inputs": len(self._pending_inputs),
@@ -305,33 +305,26 @@ class Tracker:
         """
         if not self.enabled:
             return None
-        info = self._send(f"log model {name!r}", lambda: _log_model(
-            model, name, input_example, run_id=self._run_id, config=config, tags=tags,
-            serialization=serialization, experiment_id=self.experiment_id))
-        if info is None:
-            if self._offline:  # not refused: the server is away
-                self._pending_models.append(PendingModel.of(
-                    model, name, input_example, checkpoint=checkpoint, config=config, serialization=serialization,
-                    registered_name=registered_name, version_tags=version_tags, alias=alias,
-                    description=description, tags=tags))
-                logger.warning("model %r waits for MLflow (unreachable): it is logged%s when the server answers%s",
-                               name, f" and registered as {registered_name}" if registered_name else "",
-                               f", else spooled with its checkpoint {checkpoint}" if checkpoint else
-                               "; its weights remain in the checkpoints")
-            else:
-                logger.warning("model %r was not logged to MLflow; the weights remain in the "
-                               "checkpoints (%s)", name, self.checkpoint_dir or "the run's storage path")
-            return None
         if registered_name and finite_headline(version_tags) is None:
             headline = (version_tags or {}).get(HEADLINE_TAG, "missing")
-            logger.warning("model %r logged but NOT registered as %s: its %s is %s (a registered model needs a "
+            logger.warning("model %r is logged but NOT registered as %s: its %s is %s (a registered model needs a "
                            "finite one)", name, registered_name, HEADLINE_TAG, headline)
             self.set_tags({"registration": f"refused: {HEADLINE_TAG}={headline}"})
-        elif registered_name:
-            version = self.register_model(info.model_uri, registered_name, tags=version_tags,
-                                          alias=alias, description=description)
-            if version is not None:
-                info.registered_model_version = version.version
+            registered_name = None
+        pending = PendingModel.of(model, name, input_example, checkpoint=checkpoint, config=config,
+                                  serialization=serialization, registered_name=registered_name,
+                                  version_tags=version_tags, alias=alias, description=description, tags=tags)
+        info = self._send(f"log model {name!r}", lambda: pending.send(self._run_id, self.experiment_id, self.uri))
+        if info is None and self._offline and not pending.done:  # the server is away: the model waits
+            self._pending_models.append(pending)
+            steps = ("registered as " + registered_name) if pending.model_uri else \
+                ("logged" + (f" and registered as {registered_name}" if registered_name else ""))
+            logger.warning("model %r waits for MLflow (unreachable): it is %s when the server answers%s", name, steps,
+                           f", else spooled with its checkpoint {checkpoint}" if checkpoint else
+                           "; its weights remain in the checkpoints")
+        elif info is None:
+            logger.warning("model %r was not logged to MLflow; the weights remain in the "
+                           "checkpoints (%s)", name, self.checkpoint_dir or "the run's storage path")
         return info
 
     def register_model(self, model_uri: str, name: str, *, tags: Mapping[str, Any] | None = None,
@@ -476,8 +469,11 @@ class Tracker:
             waited -= 1
         while self._pending_models:  # before the end: a FINISHED run has its model
             pending = self._pending_models[0]
-            self._refusable(f"log model {pending.name!r}",
-                            lambda: pending.send(self._run_id, self.experiment_id, self.uri))
+            try:
+                self._refusable(f"log or register model {pending.name!r}",
+                                lambda: pending.send(self._run_id, self.experiment_id, self.uri))
+            except ModelNotLogged as error:  # cannot work on any retry
+                logger.warning("%s; its weights remain in the checkpoints", error)
             self._pending_models.pop(0)
             self._count_late(late, "models", 1)
         if self._pending_end is not None:
@@ -632,7 +628,7 @@ class Tracker:
             lines.append(encode({"kind": "artifact", "path": str(Path(local).resolve()),
                                  "artifact_path": artifact_path}))
         for pending in self._pending_models:
-            if pending.checkpoint:
+            if pending.checkpoint or pending.model_uri:  # the replay can rebuild it, or only registers it
                 lines.append(encode(pending.record()))
             else:
                 logger.warning("model %r is not in the spool (no checkpoint given); its weights remain in the "

@@ -170,19 +170,22 @@ class RaySession(Session):
         try:
             self._train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
         except OSError as error:  # the storage did not take it: full, read-only, gone
+            if checkpoint is None:
+                raise
             raise self._write_failed(name, error) from error
 
     def _write_failed(self, name: str | None, error: OSError) -> OSError:
         """Remove the checkpoint's partial copy (a full disk gets back what it took; the folder
         scan would skip it anyway) and say which checkpoint failed where, and why."""
         where = self.run_uri or "the run's storage"
-        if name and self.run_uri:
+        if name and self.run_uri:  # another rank may still be copying into it: the manifests catch that
             from dkd_ray import storage
 
             storage.remove(storage.join(self.run_uri, name))
-        reason = "the storage is full" if error.errno == errno.ENOSPC or "No space left" in str(error) else "it failed"
+        full = error.errno == errno.ENOSPC or "No space left" in str(error)
+        reason = "the storage is full" if full else "the write failed"
         return CheckpointWriteError(
-            error.errno, f"checkpoint {name} could not be written to {where}: {reason} ({error}); its partial "
+            errno.ENOSPC if full else (error.errno or errno.EIO), f"checkpoint {name} could not be written to {where}: {reason} ({error}); its partial "
                          f"copy was removed and the older checkpoints are intact: once the storage takes it "
                          f"again, the run resumes from the newest of them (--resume {self.run_name or '<run name>'})")
 
