@@ -56,6 +56,37 @@ def final_checkpoint(result, storage_path: str | Path) -> str:
     return storage.uri_of(str(storage_path), result.checkpoint.path)
 
 
+def finished_stage(role: str, storage_path: str, run_name: str) -> StageResult | None:
+    """The result of stage ``run_name`` when its run folder records it finished (the job ended it
+    FINISHED): its newest complete checkpoint and its MLflow run's metrics (empty when MLflow is
+    away). None for a stage never started or interrupted: that one is trained (resumed) again."""
+    from dkd_ray import storage
+    from dkd_ray.tracking.run_record import read_record
+    from dkd_ray.train.session import newest_complete_checkpoint, newest_complete_checkpoint_uri
+
+    record = read_record(storage_path, run_name) or {}
+    if record.get("state") != "finished":
+        return None
+    folder = storage.join(storage.absolute(storage_path), run_name)
+    checkpoint = (newest_complete_checkpoint_uri(folder) if storage.is_remote(folder)
+                  else newest_complete_checkpoint(Path(folder)))
+    if checkpoint is None:
+        log.warning("%s is recorded finished but has no complete checkpoint: it is trained again", run_name)
+        return None
+    result = StageResult(role, str(checkpoint), {}, run_id=record.get("run_id"))
+    if result.run_id:
+        try:
+            from mlflow import MlflowClient
+
+            client = MlflowClient()
+            result.metrics = dict(client.get_run(result.run_id).data.metrics)
+            versions = client.search_model_versions(f"run_id = '{result.run_id}'")
+            result.registered_version = max((v.version for v in versions), key=int, default=None)
+        except Exception as error:  # noqa: BLE001 - the table is a courtesy; the checkpoint is what counts
+            log.warning("metrics of %s not read from MLflow (%s)", run_name, error)
+    return result
+
+
 def evaluation_output(storage_path: str, run_name: str, given: str = "") -> Path:
     """Where a job writes its evaluation files: ``given``, else ``<storage>/<run>/evaluation`` on
     a local or shared disk; with object storage a scratch folder that ``publish_evaluation``
@@ -206,6 +237,7 @@ def log_teacher_model(stage: StageResult, cfg: Config, tracker, test_metrics: di
         tags["knowledge_bank"] = str(bank_path)
     example = np.random.default_rng(0).random((1, 3, cfg.teacher.input_height, cfg.teacher.input_width), dtype=np.float32)
     info = tracker.log_model(teacher, "model", example, config=teacher.spec, alias=alias,
+                             checkpoint=str(stage.checkpoint),
                              registered_name=registered_model_name("teacher", cfg.data.dataset), version_tags=tags,
                              description=version_description("teacher", test_metrics, head, lineage))
     if info is not None:
@@ -309,6 +341,7 @@ def report_student(stage: StageResult, cfg: Config, annotations, arrays, teacher
                  if value})
     example = np.random.default_rng(0).random((1, 3, cfg.data.short_side, cfg.data.short_side), dtype=np.float32)
     info = tracker.log_model(student, "model", example, config=student.spec, serialization="pickle", alias=alias,
+                             checkpoint=str(stage.checkpoint),
                              registered_name=registered_model_name("student", cfg.data.dataset), version_tags=tags,
                              description=version_description("student", stage.metrics, head, lineage))
     if info is not None:

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -120,9 +121,31 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
     filesystem_, path = filesystem(uri)
     filesystem_.create_dir(path.rsplit("/", 1)[0], recursive=True)
     staging = f"{path}.tmp-{uuid.uuid4().hex[:12]}"  # unique across hosts, not only processes
-    with filesystem_.open_output_stream(staging) as stream:
-        stream.write(data)
-    filesystem_.move(staging, path)
+    try:
+        with filesystem_.open_output_stream(staging) as stream:
+            stream.write(data)
+        filesystem_.move(staging, path)
+    except BaseException:
+        try:  # a full disk must not keep a half-written file
+            filesystem_.delete_file(staging)
+        except Exception:  # noqa: BLE001 - the original error is the one to raise
+            pass
+        raise
+
+
+def remove(uri: str | os.PathLike) -> None:
+    """Delete a file or a folder (recursively) if it exists; never raises."""
+    from pyarrow import fs
+
+    try:
+        filesystem_, path = filesystem(uri)
+        info = filesystem_.get_file_info(path)
+        if info.type == fs.FileType.Directory:
+            filesystem_.delete_dir(path)
+        elif info.type == fs.FileType.File:
+            filesystem_.delete_file(path)
+    except Exception as error:  # noqa: BLE001 - cleanup is best effort
+        log.warning("could not remove %s (%s)", os.fspath(uri), error)
 
 
 def read_json(uri: str | os.PathLike) -> dict[str, Any] | None:
@@ -151,6 +174,53 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DKD_CACHE_DIR") or Path.home() / ".cache" / "dkd-ray" / "storage")
 
 
+CACHE_MAX_BYTES = 20 << 30  # DKD_CACHE_MAX_BYTES: what the node cache may hold before old copies go
+CACHE_KEEP_S = 3600.0  # DKD_CACHE_KEEP_S: a copy used within this long is never evicted (a job may read it)
+
+
+def prune_cache(root: Path | None = None, max_bytes: int | None = None, keep_s: float | None = None,
+                keep: Path | None = None) -> list[Path]:
+    """Bound the node cache: remove the least recently used copies (a copy's mtime is its last
+    use) until it holds at most ``max_bytes``, never ``keep`` nor one used within ``keep_s``
+    seconds; and remove staging folders of downloads that died (older than ``keep_s``). Returns
+    what was removed. Never raises: a cache that cannot be pruned is only bigger."""
+    root = root or cache_dir()
+    limit = int(os.environ.get("DKD_CACHE_MAX_BYTES", CACHE_MAX_BYTES)) if max_bytes is None else max_bytes
+    keep_s = float(os.environ.get("DKD_CACHE_KEEP_S", CACHE_KEEP_S)) if keep_s is None else keep_s
+    now, removed, entries = time.time(), [], []
+    try:
+        children = list(root.iterdir())
+    except OSError:
+        return removed
+    for child in children:
+        try:
+            used = child.stat().st_mtime
+            if child.name.startswith("."):  # a staging folder or a lock file
+                if child.is_dir() and now - used > keep_s:
+                    shutil.rmtree(child, ignore_errors=True)
+                    removed.append(child)
+                continue
+            size = sum(f.stat().st_size for f in child.rglob("*") if f.is_file()) if child.is_dir() else \
+                child.stat().st_size
+            entries.append((used, child, size))
+        except OSError:
+            continue
+    total = sum(size for _, _, size in entries)
+    for used, child, size in sorted(entries, key=lambda e: e[0]):  # least recently used first
+        if total <= limit:
+            break
+        if child == keep or now - used <= keep_s:
+            continue
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+        removed.append(child)
+        total -= size
+        log.info("node cache %s over %d bytes: removed %s (last used %.0f s ago)", root, limit, child.name, now - used)
+    return removed
+
+
 def localize(ref: str | os.PathLike) -> Path:
     """A local path holding ``ref``: the path itself when local, else this node's cached copy of
     the remote file or folder (downloaded on first use). Raises ``FileNotFoundError`` naming the
@@ -175,6 +245,7 @@ def localize(ref: str | os.PathLike) -> Path:
                       text.rstrip("/"), listing], default=str)
     target = cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}-{name}"
     if target.exists():
+        _touch(target)  # its last use: what eviction goes by
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     import fcntl
@@ -194,9 +265,18 @@ def localize(ref: str | os.PathLike) -> Path:
             else:
                 _download(filesystem_, path, staging / name)
             os.rename(staging / name, target)  # atomic: a copy cut short is never found
+            _touch(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+    prune_cache(target.parent, keep=target)
     return target
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass
 
 
 def _download(filesystem_, path: str, target: Path) -> None:

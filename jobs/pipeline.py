@@ -27,6 +27,10 @@ def parser() -> argparse.ArgumentParser:
     add_common_args(p)
     p.set_defaults(num_workers=2)
     p.add_argument("--skip-validation", action="store_true", help="do not decode every image before training")
+    p.add_argument("--resume", metavar="STAMP", default="",
+                   help="continue an interrupted pipeline (same --storage-path): its <stamp> (as in teacher-<stamp>, "
+                        "student-<stamp>, pipeline-<stamp>); a stage that finished is not trained again, an "
+                        "interrupted one resumes from its newest checkpoint into the same MLflow run")
     return p
 
 
@@ -63,12 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from dkd_ray.data.validate import validate_dataset
     from dkd_ray.eval.results import format_metrics_table
-    from dkd_ray.stages import evaluation_output, publish_evaluation, train_student_stage, train_teacher_stage
+    from dkd_ray.stages import (evaluation_output, finished_stage, publish_evaluation, train_student_stage,
+                                train_teacher_stage)
     from dkd_ray.train.workdata import dataset_layout
 
     started = time.perf_counter()
     data_root, storage = prepare_driver(args, cfg)
-    stamp = time.strftime('%Y%m%d-%H%M%S')
+    stamp = resumed_stamp(args.resume, storage) if args.resume else time.strftime('%Y%m%d-%H%M%S')
     name = f"pipeline-{stamp}"  # the evaluation folder; the runs are named by their role (the UI cuts long names)
     if not args.skip_validation:
         report = validate_dataset(dataset_layout(cfg), data_root, box_rule=cfg.data.box_rule)
@@ -79,19 +84,30 @@ def main(argv: list[str] | None = None) -> int:
             print(f"FAILED: {len(report.errors)} errors in {data_root}; fix them (jobs/validate_dataset.py) first")
             return 1
     experiment = experiment_name(args, cfg)
-    teacher = train_teacher_stage(cfg, data_root, storage_path=storage, experiment=experiment, run_name=f"teacher-{stamp}")
+    teacher = finished_stage("teacher", storage, f"teacher-{stamp}") if args.resume else None
+    if teacher is not None:
+        print(f"teacher-{stamp} finished before: its checkpoint {teacher.checkpoint} is used (not trained again)")
+    else:
+        teacher = train_teacher_stage(cfg, data_root, storage_path=storage, experiment=experiment,
+                                      run_name=f"teacher-{stamp}")
     output = evaluation_output(storage, name)
-    student = train_student_stage(cfg, data_root, teacher_ref=teacher.checkpoint, bank_path=teacher.bank_path,
-                                  storage_path=storage, experiment=experiment, run_name=f"student-{stamp}",
-                                  output_dir=output)
+    student = finished_stage("student", storage, f"student-{stamp}") if args.resume else None
+    if student is not None:
+        print(f"student-{stamp} finished before: nothing left to train")
+    else:
+        student = train_student_stage(cfg, data_root, teacher_ref=teacher.checkpoint, bank_path=teacher.bank_path,
+                                      storage_path=storage, experiment=experiment, run_name=f"student-{stamp}",
+                                      output_dir=output)
     minutes = (time.perf_counter() - started) / 60
     print("\n" + format_metrics_table(student.metrics))
     twin = no_kd_twin_line(cfg)
     if twin:
         print(twin)
     print(f"\npipeline finished in {minutes:.1f} min")
-    print(f"  teacher: MLflow run {teacher.run_id}, registered dkd-teacher-{cfg.data.dataset} v{teacher.registered_version}")
-    print(f"  student: MLflow run {student.run_id}, registered dkd-student-{cfg.data.dataset} v{student.registered_version}")
+    for stage in (teacher, student):
+        registered = (f"registered dkd-{stage.role}-{cfg.data.dataset} v{stage.registered_version}"
+                      if stage.registered_version else "not registered (see the log)")
+        print(f"  {stage.role}: MLflow run {stage.run_id}, {registered}")
     print(f"  checkpoints: {teacher.checkpoint}, {student.checkpoint}")
     print(f"  evaluation files (results.jsonl, plots): {publish_evaluation(output, storage, name)}")
     from dkd_ray.tracking import redact_uri
@@ -104,6 +120,26 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"  look at the runs: {redact_uri(uri).rstrip('/')}/{view} (teacher and student side by side)")
     return 0
+
+
+def resumed_stamp(given: str, storage: str) -> str:
+    """The stamp of ``--resume`` (``<stamp>``, or a run name ending in it); refused unless this
+    storage holds the pipeline's teacher run."""
+    from dkd_ray import storage as store
+    from dkd_ray.cli import fail
+
+    stamp = given.rstrip("/").rsplit("/", 1)[-1]
+    for prefix in ("pipeline-", "teacher-", "student-"):
+        stamp = stamp.removeprefix(prefix)
+    if not store.is_dir(store.join(storage, f"teacher-{stamp}")):
+        fail(f"--resume {given}: there is no pipeline {stamp!r} in {storage} (no teacher-{stamp} run folder)")
+    from dkd_ray.tracking import PIPELINE_ENV
+    from dkd_ray.tracking.run_record import read_record
+
+    pipeline_id = (read_record(storage, f"teacher-{stamp}") or {}).get("pipeline_id")
+    if pipeline_id:  # a student stage started now joins its teacher's pipeline
+        os.environ[PIPELINE_ENV] = pipeline_id
+    return stamp
 
 
 def comparison_link(uri: str, experiment: str) -> str:

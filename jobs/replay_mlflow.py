@@ -3,14 +3,16 @@
 
 When the tracking server cannot be reached at the end of a training loop or a job, the tracker
 writes what it could not send (params, tags, metric values with their original steps and
-timestamps, artifact paths, the run's end status) to a spool file next to the checkpoints,
+timestamps, artifact paths, models with the checkpoint that holds their weights and what their
+registration needs, the run's end status) to a spool file next to the checkpoints,
 ``<checkpoint folder>/mlflow_pending.jsonl``, and logs this command with the file's path:
 
   python jobs/replay_mlflow.py --spool runs/teacher-20250101-120000/mlflow_pending.jsonl \\
       --tracking-uri http://mlflow.internal:5000
 
 The run the spool names receives everything (a run that could not be created yet is created in
-its experiment). Replaying again is harmless: metric values with the same step and timestamp are
+its experiment); a model is rebuilt from its checkpoint (weights only), logged and registered
+under the registry's rules (a version only with a finite headline mAP). Replaying again is harmless: metric values with the same step and timestamp are
 stored once, params already set with the same value are skipped. When done the file is renamed
 <spool>.replayed. Exit status 0 when replayed, 1 when the server did not answer (the spool is left
 unchanged: run the command again later), 2 for bad input (one line `error: ...` on stderr).

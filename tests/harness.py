@@ -115,6 +115,14 @@ class MlflowServer:
         if self.process is not None:
             _terminate(_descendants(self.process.pid), self.process)
 
+    def kill(self) -> None:
+        """SIGKILL the server and its workers (a crash: nothing is shut down cleanly)."""
+        if self.process is not None and self.process.poll() is None:
+            for pid in [self.process.pid, *_descendants(self.process.pid)]:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
     def restart(self) -> None:
         """Start again on the same port with the same store (the server coming back)."""
         self.stop()

@@ -4,9 +4,11 @@ another config's checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -227,14 +229,36 @@ def test_checkpoint_written_before_manifests_still_loads_with_one_warning(tmp_pa
         _resume(session, preset("cpu-small", ["teacher.lr=0.002"]))
 
 
+@contextlib.contextmanager
+def _small_disk(folder: Path, size_bytes: int):
+    """A tmpfs of ``size_bytes`` mounted at ``folder`` (root only); yields a function that grows
+    it (the operator freeing space), or None where mounting is not allowed."""
+    folder.mkdir(parents=True)
+    mounted = os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(folder)], capture_output=True).returncode == 0
+
+    def grow(to_bytes: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={to_bytes}", str(folder)], check=True)
+
+    try:
+        yield grow if mounted else None
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
 @pytest.mark.slow
-def test_resumed_ray_job_skips_a_truncated_newest_checkpoint(tiny_cuhk, tmp_path):
+def test_resumed_ray_job_after_a_full_disk_skips_a_truncated_checkpoint(tiny_cuhk, tiny_teacher, tmp_path):
     """The teacher job on a real local Ray cluster, 2 DDP workers (rank 0 chooses the checkpoint,
-    rank 1 follows). A worker dies after iteration 3 (the run fails: no retries), the newest
-    checkpoint's state.pt is then cut short (its copy killed half way); ``--resume`` resumes from
-    iteration 1, not from the broken iteration 2, trains iterations 2 and 3, and finishes the
-    MLflow run the failed job had left FAILED."""
-    storage = tmp_path / "runs"
+    rank 1 follows), storage on a disk with room for 2.5 checkpoints: the copy of the third one
+    fills it (ENOSPC half way through state.pt; no retries). The job fails saying the storage is
+    full, and the partial copy is gone. The second checkpoint's state.pt is then cut short (its
+    copy killed half way), the disk grows (space freed), and ``--resume`` resumes from iteration 1,
+    not from the broken iteration 2, trains iterations 2 to 4 (the retaken 2 under a name of its
+    own), and finishes the MLflow run the failed job had left FAILED. (Where no tmpfs can be mounted, a worker is killed after
+    iteration 3 instead of the disk filling.)"""
+    checkpoint_bytes = (tiny_teacher / "state.pt").stat().st_size
+    storage = tmp_path / "disk"
     trace = tmp_path / "trace.txt"
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "DKD_TRACE_FILE": str(trace),
            "RAY_DEDUP_LOGS": "0"}
@@ -248,24 +272,38 @@ def test_resumed_ray_job_skips_a_truncated_newest_checkpoint(tiny_cuhk, tmp_path
             args += ["--set", override]
         return subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
 
-    died = job("--run-name", "integrity", "--max-iters", "4",
-               env={**env, "DKD_KILL_AT_ITERATION": "3", "DKD_KILL_MARKER": str(tmp_path / "killed")})
-    assert died.returncode != 0 and (tmp_path / "killed").exists(), (died.stdout + died.stderr)[-6000:]
-    folders = checkpoint_folders(storage / "integrity")
-    assert [json.loads((f / "meta.json").read_text())["iteration"] for f in folders] == [2, 1]
-    newest, older = folders
-    assert {manifest_name(0), manifest_name(1), "rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in newest.iterdir()}
-    _truncate(newest / "state.pt")
-    trace.unlink()
+    with _small_disk(storage, int(2.5 * checkpoint_bytes)) as grow:
+        if grow is not None:
+            died = job("--run-name", "integrity", "--max-iters", "4")
+            output = died.stdout + died.stderr
+            assert died.returncode != 0, output[-6000:]
+            assert re.search(r"checkpoint teacher_e\d+_i0000003 could not be written", output), output[-6000:]
+            assert "the storage is full" in output and "partial copy was removed" in output, output[-6000:]
+        else:
+            died = job("--run-name", "integrity", "--max-iters", "4",
+                       env={**env, "DKD_KILL_AT_ITERATION": "3", "DKD_KILL_MARKER": str(tmp_path / "killed")})
+            assert died.returncode != 0 and (tmp_path / "killed").exists(), (died.stdout + died.stderr)[-6000:]
+        folders = checkpoint_folders(storage / "integrity")
+        assert [json.loads((f / "meta.json").read_text())["iteration"] for f in folders] == [2, 1]
+        newest, older = folders
+        assert {manifest_name(0), manifest_name(1), "rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in newest.iterdir()}
+        _truncate(newest / "state.pt")
+        trace.unlink()
+        if grow is not None:
+            grow(6 * checkpoint_bytes)
 
-    done = job("--resume", "integrity", "--max-iters", "3")
-    output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-6000:]
-    assert f"skipping checkpoint {newest}" in output and "truncated" in output, output[-6000:]
-    assert f"resumed from {older} at epoch 1 iteration 1" in output, output[-6000:]
-    # rank 0's "<iteration> <batch>" per step: iteration 2 again (its checkpoint was lost), then 3
-    assert [line.split()[0] for line in trace.read_text().splitlines()] == ["2", "3"]
-    assert load_checkpoint(checkpoint_folders(storage / "integrity")[0]).iteration == 3
+        done = job("--resume", "integrity", "--max-iters", "4")
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, output[-6000:]
+        assert f"skipping checkpoint {newest}" in output and "truncated" in output, output[-6000:]
+        assert f"resumed from {older} at epoch 1 iteration 1" in output, output[-6000:]
+        # rank 0's "<iteration> <batch>" per step: iteration 2 again (its checkpoint was lost), then 3 and 4
+        assert [line.split()[0] for line in trace.read_text().splitlines()] == ["2", "3", "4"]
+        assert load_checkpoint(checkpoint_folders(storage / "integrity")[0]).iteration == 4
+        # The retaken iteration 2 was saved under a new name, so Ray's pruning (2 kept) removed
+        # the broken folder and the retaken one each once, without tripping on a folder listed twice.
+        assert [f.name for f in checkpoint_folders(storage / "integrity")] == [
+            "teacher_e004_i0000004", "teacher_e003_i0000003"]
 
     # One MLflow run for the run folder: the failed job left it FAILED, the resumed one continued it.
     from mlflow import MlflowClient

@@ -1,10 +1,12 @@
 """Picking a model in the MLflow UI, in a real browser: a tiny pipeline (jobs/pipeline.py, local
-Ray) logs into a real ``mlflow server`` on 127.0.0.1, and headless Chromium (Debian's package,
+Ray; killed in its student stage and continued with ``--resume``, which is tested here too) logs
+into a real ``mlflow server`` on 127.0.0.1, and headless Chromium (Debian's package,
 driven by Playwright) opens the pages a user opens. Assertions read the rendered pages; the
 screenshots are kept in ``test-artifacts/mlflow-ui/`` (or ``$DKD_TEST_ARTIFACTS/mlflow-ui``)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -26,30 +28,72 @@ RENDER_TIMEOUT_MS = 60_000  # the UI's first load compiles a large bundle; 2 bus
 
 
 @pytest.fixture(scope="module")
-def pipeline(tiny_cuhk, tmp_path_factory):
-    """The runs of one tiny pipeline (teacher, bank, student, evaluation, registry) in a server."""
-    if CHROMIUM is None:
-        pytest.skip("no chromium on this machine (`make test` installs Debian's package where it can)")
+def resumed_pipeline(tiny_cuhk, tmp_path_factory):
+    """One tiny pipeline (teacher, bank, student, evaluation, registry) against a real server,
+    its driver SIGKILLed (with its local Ray) during the student stage and continued with
+    ``--resume <stamp>``: the runs every test of this module reads."""
+    import signal
+    import threading
+    import time
+
     root = tmp_path_factory.mktemp("ui")
     with mlflow_server(root / "mlflow") as server:
         env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri, "DKD_MLFLOW_CLOSE_TIMEOUT_S": "10"}
         env.pop("RAY_ADDRESS", None)
         env.pop("DKD_PIPELINE_ID", None)
         command = [sys.executable, str(ROOT / "jobs" / "pipeline.py"), "--data-root", str(tiny_cuhk),
-                   "--num-workers", "1", "--max-iters", "2", "--storage-path", str(root / "runs")]
+                   "--num-workers", "1", "--max-iters", "2", "--storage-path", str(root / "runs"),
+                   "--set", "train.checkpoint_every_iters=1"]
         for override in TINY_OVERRIDES:
             command += ["--set", override]
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, cwd=root)
+        first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 cwd=root, start_new_session=True)
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(first.stdout), daemon=True).start()
+        deadline = time.monotonic() + 900
+        while first.poll() is None and time.monotonic() < deadline and \
+                not list((root / "runs").glob("student-*/student_e*_i0000001/MANIFEST.rank0.json")):
+            time.sleep(0.1)  # killed right after the student's first checkpoint landed
+        assert first.poll() is None, "".join(lines)[-6000:]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)
+        stamp = next(p.name.removeprefix("teacher-") for p in (root / "runs").glob("teacher-*"))
+        done = subprocess.run(command + ["--resume", stamp], env=env, capture_output=True, text=True, timeout=900,
+                              cwd=root)
         output = done.stdout + done.stderr
         assert done.returncode == 0, output[-6000:]
         from mlflow import MlflowClient
 
         client = MlflowClient(server.uri, server.uri)
         experiment = client.get_experiment_by_name("dkd-ray/synthetic")
-        runs = {run.info.run_name.split("-")[0]: run for run in client.search_runs([experiment.experiment_id])}
-        student_version = client.get_model_version("dkd-student-synthetic", "1")
-        yield SimpleNamespace(server=server, output=done.stdout, client=client, experiment=experiment, runs=runs,
-                              student_version=student_version, head=student_version.tags["headline"])
+        yield SimpleNamespace(server=server, output=done.stdout, log=output, stamp=stamp, client=client,
+                              experiment=experiment, runs=client.search_runs([experiment.experiment_id]))
+
+
+def test_a_pipeline_killed_in_its_student_stage_resumes_without_retraining_its_teacher(resumed_pipeline):
+    p = resumed_pipeline
+    assert f"teacher-{p.stamp} finished before" in p.output, p.log[-6000:]
+    assert "continuing MLflow run" in p.log  # the student's run, recorded in its folder
+    by_name = {}
+    for run in p.runs:
+        by_name.setdefault(run.info.run_name, []).append(run.info.status)
+    assert by_name == {f"teacher-{p.stamp}": ["FINISHED"], f"student-{p.stamp}": ["FINISHED"]}, by_name
+    assert [v.version for v in p.client.search_model_versions("name = 'dkd-teacher-synthetic'")] == ["1"]
+    assert [v.version for v in p.client.search_model_versions("name = 'dkd-student-synthetic'")] == ["1"]
+    assert "registered dkd-teacher-synthetic v1" in p.output and "registered dkd-student-synthetic v1" in p.output
+
+
+@pytest.fixture(scope="module")
+def pipeline(resumed_pipeline):
+    """The resumed pipeline's runs, for the browser."""
+    if CHROMIUM is None:
+        pytest.skip("no chromium on this machine (`make test` installs Debian's package where it can)")
+    p = resumed_pipeline
+    runs = {run.info.run_name.split("-")[0]: run for run in p.runs}
+    student_version = p.client.get_model_version("dkd-student-synthetic", "1")
+    return SimpleNamespace(server=p.server, output=p.output, client=p.client, experiment=p.experiment, runs=runs,
+                           student_version=student_version, head=student_version.tags["headline"])
 
 
 @pytest.fixture(scope="module")

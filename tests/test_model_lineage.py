@@ -77,7 +77,8 @@ def test_a_dataset_logged_while_the_server_is_away_does_not_block_the_spool(tmp_
     assert tracker.pending()["inputs"] == 1
     spool = tracker.close()
     assert spool is not None and spool.exists()  # the params went to the spool
-    assert tracker.pending() == {"params": 0, "tags": 0, "metrics": 0, "artifacts": 0, "inputs": 0, "end": 0}
+    assert tracker.pending() == {"params": 0, "tags": 0, "metrics": 0, "artifacts": 0, "inputs": 0, "models": 0,
+                                 "end": 0}
 
 
 def test_version_tags_carry_full_metric_names_and_the_headline():

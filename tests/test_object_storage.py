@@ -100,6 +100,47 @@ def test_a_changed_remote_folder_is_downloaded_again_not_served_from_the_cache(b
     assert storage.localize(f"{bucket}/bank") == second
 
 
+def test_the_node_cache_evicts_the_least_recently_used_copies_past_its_bound(bucket, cache, tmp_path, monkeypatch):
+    """Three 1 KB folders downloaded in turn under a 2.5 KB bound: the third download evicts the
+    least recently used copy (the first, unless it was used again since), never one used within
+    the keep window, and a dead download's staging folder goes too."""
+    import time
+
+    from dkd_ray import storage
+
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "part.bin").write_bytes(bytes(1000))
+        storage.upload_dir(tmp_path / name, f"{bucket}/{name}")
+    monkeypatch.setenv("DKD_CACHE_MAX_BYTES", "2500")
+    monkeypatch.setenv("DKD_CACHE_KEEP_S", "0")
+    a = storage.localize(f"{bucket}/a")
+    b = storage.localize(f"{bucket}/b")
+    old = time.time() - 100
+    os.utime(a, (old, old))
+    os.utime(b, (old + 10, old + 10))
+    dead = cache / ".xyz-b.deadbeef"  # what a download killed half way leaves
+    dead.mkdir()
+    os.utime(dead, (old, old))
+    assert storage.localize(f"{bucket}/b") == b  # a hit is a use: b is now the newest of the two
+    c = storage.localize(f"{bucket}/c")
+    assert not a.exists() and b.exists() and c.exists() and not dead.exists()
+    assert storage.localize(f"{bucket}/a") == a and (a / "part.bin").stat().st_size == 1000  # fetched again
+
+
+def test_a_copy_in_use_is_never_evicted(tmp_path):
+    import time
+
+    from dkd_ray import storage
+
+    for name, age in (("old", 7200), ("recent", 60)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_bytes(bytes(1000))
+        os.utime(tmp_path / name, (time.time() - age,) * 2)
+    removed = storage.prune_cache(tmp_path, max_bytes=0, keep_s=600)
+    assert removed == [tmp_path / "old"] and (tmp_path / "recent").exists()
+
+
 def test_resume_takes_over_a_run_recorded_as_running_on_another_machine(bucket, caplog):
     """A driver lost with its machine (a preempted pod) leaves its record 'running', and its
     liveness cannot be checked from here: a new start is refused, --resume takes the run over."""

@@ -475,7 +475,8 @@ def test_server_still_down_at_close_spools_and_the_replay_delivers_everything(se
     assert spool == tmp_path / "mlflow_pending.jsonl" and spool.is_file()
     spooled = _spooled_metrics(spool)
     assert [(r["key"], r["step"]) for r in spooled] == [(k, s) for s in range(1, 20) for k in KEYS]  # in order
-    assert tracker.pending() == {"params": 0, "tags": 0, "metrics": 0, "artifacts": 0, "inputs": 0, "end": 0}
+    assert tracker.pending() == {"params": 0, "tags": 0, "metrics": 0, "artifacts": 0, "inputs": 0, "models": 0,
+                                 "end": 0}
     (message,) = _messages(caplog, "still pending")
     assert str(spool) in message and "76 metric values" in message and "train/loss x19 (steps 1-19)" in message
     assert f"replay_mlflow.py --spool {spool} --tracking-uri {proxy.uri}" in message
@@ -578,3 +579,109 @@ def test_replay_refuses_bad_input_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["--help"])
     assert stop.value.code == 0 and "--tracking-uri" in capsys.readouterr().out
+
+
+def _teacher_and_example(checkpoint):
+    from dkd_ray.models.loading import load_model as load_checkpoint_model
+
+    from dkd_ray.config import Config
+
+    teacher = load_checkpoint_model(checkpoint, role="teacher")
+    cfg = Config.from_dict(teacher.spec["config"])
+    example = np.random.default_rng(0).random((1, 3, cfg.teacher.input_height, cfg.teacher.input_width),
+                                              dtype=np.float32)
+    tags = tracking.version_tags(cfg, {"cuhk_sysu/g100/mAP": 0.5, "cuhk_sysu/g100/top1": 0.6}, "cuhk_sysu/g100")
+    return teacher, example, tags
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_model_logged_during_an_outage_is_logged_and_registered_when_the_server_answers(
+        server, tiny_teacher, tmp_path, caplog):
+    from dkd_ray.models.loading import load_model as load_any_model
+
+    teacher, example, tags = _teacher_and_example(tiny_teacher)
+    proxy = TcpProxy(server.port)
+    try:
+        tracker = Tracker("synthetic", "teacher", uri=proxy.uri, checkpoint_dir=str(tmp_path),
+                          run_name="model-waits", retry_after_s=0.05, close_timeout_s=20)
+        run_id = tracker.start()
+        proxy.cut()
+        with caplog.at_level(logging.WARNING, logger="dkd_ray.tracking"):
+            assert tracker.log_model(teacher, "model", example, config=teacher.spec, checkpoint=str(tiny_teacher),
+                                     serialization="pickle", registered_name="dkd-teacher-waits", version_tags=tags, alias="champion") is None
+        assert tracker.pending()["models"] == 1
+        assert any("waits for MLflow" in r.getMessage() for r in caplog.records)
+        proxy.restore()
+        assert tracker.close() is None  # sent at close: nothing spooled
+    finally:
+        proxy.close()
+    client = MlflowClient(server.uri, server.uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.outputs.model_outputs
+    version = client.get_model_version_by_alias("dkd-teacher-waits", "champion")
+    assert version.run_id == run_id and float(version.tags["mAP"]) == 0.5
+    assert _same_weights(load_any_model("models:/dkd-teacher-waits@champion", uri=server.uri), teacher)
+
+
+def test_a_model_still_waiting_at_close_is_spooled_with_its_checkpoint_and_the_replay_registers_it(
+        server, tiny_teacher, tmp_path):
+    from dkd_ray.models.loading import load_model as load_any_model
+
+    teacher, example, tags = _teacher_and_example(tiny_teacher)
+    proxy = TcpProxy(server.port)
+    try:
+        tracker = Tracker("synthetic", "teacher", uri=proxy.uri, checkpoint_dir=str(tmp_path),
+                          run_name="model-spooled", retry_after_s=0.05, close_timeout_s=0.5)
+        run_id = tracker.start()
+        proxy.cut()
+        tracker.log_model(teacher, "model", example, config=teacher.spec, checkpoint=str(tiny_teacher),
+                          serialization="pickle", registered_name="dkd-teacher-spooled", version_tags=tags, alias="champion")
+        tracker.log_model(teacher, "in-memory-only", example, config=teacher.spec, serialization="pickle")  # no checkpoint: not spooled
+        spool = tracker.close()
+    finally:
+        proxy.close()
+    kinds = [json.loads(line)["kind"] for line in spool.read_text().splitlines()]
+    assert kinds.count("model") == 1 and kinds.index("model") < kinds.index("end")  # the model, then the status
+    (record,) = [json.loads(line) for line in spool.read_text().splitlines() if '"kind":"model"' in line]
+    assert record["checkpoint"] == str(tiny_teacher) and record["registered_name"] == "dkd-teacher-spooled"
+    client = MlflowClient(server.uri, server.uri)
+    assert client.get_run(run_id).info.status == "RUNNING" and not client.get_run(run_id).outputs.model_outputs
+
+    assert _replay_main()(["--spool", str(spool), "--tracking-uri", server.uri]) == 0
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and len(run.outputs.model_outputs) == 1
+    version = client.get_model_version_by_alias("dkd-teacher-spooled", "champion")
+    assert version.run_id == run_id and float(version.tags["top1"]) == 0.6
+    assert _same_weights(load_any_model("models:/dkd-teacher-spooled@champion", uri=server.uri), teacher)
+
+
+def test_a_registration_cut_off_by_an_outage_is_retried_without_logging_the_model_twice(
+        server, example, monkeypatch, tmp_path):
+    from dkd_ray.tracking import registry
+
+    real, calls = registry.register_model, []
+
+    def cut_once(*args, **kwargs):  # the server goes away between the log and the registration
+        calls.append(args)
+        if len(calls) == 1:
+            raise OSError("connection refused")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "register_model", cut_once)
+    cfg = preset("cpu-small")
+    tags = tracking.version_tags(cfg, {"cuhk_sysu/g100/mAP": 0.4, "cuhk_sysu/g100/top1": 0.5}, "cuhk_sysu/g100")
+    tracker = Tracker("synthetic", "teacher", uri=server.uri, checkpoint_dir=str(tmp_path), run_name="half-sent",
+                      retry_after_s=0.05, close_timeout_s=20)
+    run_id = tracker.start()
+    assert tracker.log_model(TinyNet(), "model", example, config={"hidden": 8}, serialization="pickle",
+                             registered_name="dkd-teacher-half", version_tags=tags) is None
+    assert tracker.pending()["models"] == 1
+    assert tracker.close() is None
+    client = MlflowClient(server.uri, server.uri)
+    assert len(client.get_run(run_id).outputs.model_outputs) == 1  # logged once
+    assert [v.version for v in client.search_model_versions("name = 'dkd-teacher-half'")] == ["1"]
+    assert len(calls) == 2

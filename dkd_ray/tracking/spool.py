@@ -19,6 +19,12 @@ One JSON object a line, ``kind`` first:
 - ``metric``: ``key``, ``value`` (null: not finite, sent as NaN as the tracker does), ``timestamp``
   (ms, when it was logged), ``step``; in the order they were logged;
 - ``artifact``: ``path`` (a local file or folder), ``artifact_path``;
+- ``model``: a model whose logging waited for the server (``pending_model.py``): ``name``, its
+  ``checkpoint``, ``serialization``, ``example_shape``, its ``tags``, what registering it needs
+  (``registered_name``, ``version_tags``, ``alias``, ``description``) and ``model_uri`` when it
+  was logged and only its registration waited; the replay rebuilds it from the checkpoint, logs
+  it and registers it, each step once (one a previous replay did is found in MLflow and skipped).
+  Releases before this record kind refuse such a spool ("unknown kind");
 - ``end``: ``status`` and ``end_ms`` (only for a run the tracker created).
 
 The replay is idempotent where MLflow allows: a metric value sent again with the same step and
@@ -236,6 +242,7 @@ class Spool:
     tags: dict[str, str] = field(default_factory=dict)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     artifacts: list[tuple[str, str | None]] = field(default_factory=list)
+    models: list[Any] = field(default_factory=list)  # PendingModel
     end: dict[str, Any] | None = None
 
 
@@ -291,6 +298,10 @@ def read_spool(path: str | os.PathLike) -> Spool:
                                       "timestamp": int(record["timestamp"]), "step": int(record["step"])})
             elif kind == "artifact":
                 spool.artifacts.append((str(record["path"]), record.get("artifact_path")))
+            elif kind == "model":
+                from .pending_model import PendingModel
+
+                spool.models.append(PendingModel.from_record(record))
             elif kind == "end":
                 spool.end = {"status": str(record["status"]), "end_ms": record.get("end_ms")}
             else:
@@ -316,6 +327,8 @@ class ReplayReport:
     tags: int = 0
     artifacts: int = 0
     missing_artifacts: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)  # "model (registered as <name> version <v>)"
+    models_not_logged: list[str] = field(default_factory=list)
     rejected: int = 0
     status: str | None = None  # the end status set, if any
     replayed_path: Path | None = None
@@ -328,6 +341,10 @@ class ReplayReport:
             parts.append(f"{len(self.params_conflicting)} params already set with another value, kept as they "
                          f"are: {', '.join(self.params_conflicting[:10])}")
         parts.append(f"{self.tags} tags, {self.artifacts} artifacts")
+        if self.models:
+            parts.append(f"models logged: {', '.join(self.models)}")
+        if self.models_not_logged:
+            parts.append(f"models NOT logged (see the warnings): {', '.join(self.models_not_logged)}")
         if self.missing_artifacts:
             parts.append(f"missing artifacts not logged: {', '.join(self.missing_artifacts)}")
         if self.rejected:
@@ -448,6 +465,35 @@ def _replay(spool: Spool, uri: str) -> ReplayReport:
             report.missing_artifacts.append(local)
             continue
         report.artifacts += 1
+    for pending in spool.models:  # before the end status: a FINISHED run has its model
+        from dkd_ray.train.checkpoint import CheckpointError
+
+        from .errors import ModelNotFoundError
+        from .pending_model import ModelNotLogged
+
+        try:
+            if pending.model_uri is None:
+                pending.load()
+        except (ModelNotFoundError, CheckpointError, FileNotFoundError, ValueError) as error:  # gone or broken
+            logger.warning("model %r not logged: its checkpoint %s cannot be loaded (%s)", pending.name,
+                           pending.checkpoint, error)
+            report.models_not_logged.append(f"{pending.name} ({pending.checkpoint})")
+            continue
+        try:  # each step once, also when an earlier replay got part of the way
+            info = pending.send(run_id, run.info.experiment_id, uri)
+        except ModelNotLogged as error:
+            logger.warning("%s", error)
+            report.models_not_logged.append(f"{pending.name} ({pending.checkpoint})")
+            continue
+        except Exception as error:  # noqa: BLE001 - an outage propagates: the spool stays as it is
+            if not _is_rejection(error):
+                raise
+            logger.warning("MLflow rejected model %r from %s: %s", pending.name, pending.checkpoint, error)
+            report.rejected += 1
+            continue
+        report.models.append(f"{info.model_uri}" + (f" (registered as {pending.registered_name} version "
+                                                    f"{info.registered_model_version})"
+                                                    if info.registered_model_version else ""))
     if spool.end is not None:
         status = client.get_run(run_id).info.status
         if status == "RUNNING":

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
 from dkd_ray.errors import InputError
 
 from .errors import _is_rejection, _short
-from .model_logging import CONFIG_FILE, _log_model
+from .model_logging import CONFIG_FILE
+from .pending_model import ModelNotLogged, PendingModel
 from .naming import (EXPERIMENT_KIND_TAG, NOTE_TAG, PIPELINE_ENV, SHARED_VIEW_TAG, TRAINING_KIND,
                      experiment_description, experiment_name, source_tags, tracking_uri)
 from .redaction import _param_text, redact_params, redact_uri
@@ -96,6 +97,7 @@ class Tracker:
         self._max_buffered_metrics = max(1, int(max_buffered_metrics))
         self._pending_artifacts: list[tuple[str, str | None]] = []
         self._pending_inputs: list[Any] = []  # mlflow DatasetInput entities (not spooled: see log_dataset)
+        self._pending_models: list[PendingModel] = []  # log_model calls made during an outage
         self._experiment_id: str | None = None
         self._pending_end: tuple[str, int] | None = None  # set_terminated still to send (owned runs)
         self._end_queued = False
@@ -192,11 +194,11 @@ class Tracker:
 
     def pending(self) -> dict[str, int]:
         """What waits for the server now: counts of params, tags, metric values (memory and
-        spool), artifacts and the end status."""
+        spool), artifacts, dataset inputs, models and the end status."""
         return {"params": len(self._pending_params), "tags": len(self._pending_tags),
                 "metrics": len(self._pending_metrics) + (self._spill.unsent if self._spill else 0),
                 "artifacts": len(self._pending_artifacts), "inputs": len(self._pending_inputs),
-                "end": int(self._pending_end is not None)}
+                "models": len(self._pending_models), "end": int(self._pending_end is not None)}
 
     # -------------------------------------------------------------- logging
     def log_config(self, cfg: Any) -> None:
@@ -288,7 +290,8 @@ class Tracker:
                   config: Any = None, registered_name: str | None = None,
                   version_tags: Mapping[str, Any] | None = None,
                   tags: Mapping[str, Any] | None = None, serialization: str = "auto",
-                  alias: str | None = None, description: str | None = None) -> ModelInfo | None:
+                  alias: str | None = None, description: str | None = None,
+                  checkpoint: str | None = None) -> ModelInfo | None:
         """Log ``model`` (see the module docstring) and optionally register it as a new version.
 
         ``config``: a ``Config`` or dict stored as ``config.json`` for ``load_model(builder=...)``.
@@ -296,27 +299,32 @@ class Tracker:
         ``pt2`` or ``pickle``. ``input_example``: a batch for the signature (and for tracing).
         The model is logged from the CPU (so it loads anywhere) and moved back to its device.
         Returns MLflow's ``ModelInfo`` (``model_uri``, ``registered_model_version``) or None
-        when MLflow could not be reached.
+        when MLflow could not be reached: the model then waits like any other pending data and is
+        logged (and registered) when the server answers; ``checkpoint`` (the folder holding its
+        weights) lets a spool carry it past the end of the process, for the replay.
         """
         if not self.enabled:
             return None
-        info = self._send(f"log model {name!r}", lambda: _log_model(
-            model, name, input_example, run_id=self._run_id, config=config, tags=tags,
-            serialization=serialization, experiment_id=self.experiment_id))
-        if info is None:
-            logger.warning("model %r was not logged to MLflow; the weights remain in the "
-                           "checkpoints (%s)", name, self.checkpoint_dir or "the run's storage path")
-            return None
         if registered_name and finite_headline(version_tags) is None:
             headline = (version_tags or {}).get(HEADLINE_TAG, "missing")
-            logger.warning("model %r logged but NOT registered as %s: its %s is %s (a registered model needs a "
+            logger.warning("model %r is logged but NOT registered as %s: its %s is %s (a registered model needs a "
                            "finite one)", name, registered_name, HEADLINE_TAG, headline)
             self.set_tags({"registration": f"refused: {HEADLINE_TAG}={headline}"})
-        elif registered_name:
-            version = self.register_model(info.model_uri, registered_name, tags=version_tags,
-                                          alias=alias, description=description)
-            if version is not None:
-                info.registered_model_version = version.version
+            registered_name = None
+        pending = PendingModel.of(model, name, input_example, checkpoint=checkpoint, config=config,
+                                  serialization=serialization, registered_name=registered_name,
+                                  version_tags=version_tags, alias=alias, description=description, tags=tags)
+        info = self._send(f"log model {name!r}", lambda: pending.send(self._run_id, self.experiment_id, self.uri))
+        if info is None and self._offline and not pending.done:  # the server is away: the model waits
+            self._pending_models.append(pending)
+            steps = ("registered as " + registered_name) if pending.model_uri else \
+                ("logged" + (f" and registered as {registered_name}" if registered_name else ""))
+            logger.warning("model %r waits for MLflow (unreachable): it is %s when the server answers%s", name, steps,
+                           f", else spooled with its checkpoint {checkpoint}" if checkpoint else
+                           "; its weights remain in the checkpoints")
+        elif info is None:
+            logger.warning("model %r was not logged to MLflow; the weights remain in the "
+                           "checkpoints (%s)", name, self.checkpoint_dir or "the run's storage path")
         return info
 
     def register_model(self, model_uri: str, name: str, *, tags: Mapping[str, Any] | None = None,
@@ -459,6 +467,15 @@ class Tracker:
             self._pending_artifacts.pop(0)
             self._count_late(late, "artifacts", int(waited > 0))
             waited -= 1
+        while self._pending_models:  # before the end: a FINISHED run has its model
+            pending = self._pending_models[0]
+            try:
+                self._refusable(f"log or register model {pending.name!r}",
+                                lambda: pending.send(self._run_id, self.experiment_id, self.uri))
+            except ModelNotLogged as error:  # cannot work on any retry
+                logger.warning("%s; its weights remain in the checkpoints", error)
+            self._pending_models.pop(0)
+            self._count_late(late, "models", 1)
         if self._pending_end is not None:
             status, end_ms = self._pending_end
             self._refusable("end the run", lambda: self._client.set_terminated(self._run_id, status, end_ms))
@@ -508,7 +525,7 @@ class Tracker:
     # -------------------------------------------------------------- the spool
     def _has_pending(self) -> bool:
         return bool(self._pending_params or self._pending_tags or self._pending_metrics or self._pending_artifacts
-                    or self._pending_inputs
+                    or self._pending_inputs or self._pending_models
                     or self._pending_end is not None or (self._spill is not None and self._spill.unsent))
 
     def _run_record(self) -> dict[str, Any]:
@@ -562,6 +579,7 @@ class Tracker:
         self._pending_tags.clear()
         self._pending_metrics.clear()
         self._pending_artifacts.clear()
+        self._pending_models.clear()
         if self._pending_inputs:
             logger.warning("MLflow tracking at %s: the run's dataset input was not sent (its name, source and "
                            "digest are in the spooled params and tags)", redact_uri(self.uri))
@@ -609,6 +627,12 @@ class Tracker:
                 local = str(kept)
             lines.append(encode({"kind": "artifact", "path": str(Path(local).resolve()),
                                  "artifact_path": artifact_path}))
+        for pending in self._pending_models:
+            if pending.checkpoint or pending.model_uri:  # the replay can rebuild it, or only registers it
+                lines.append(encode(pending.record()))
+            else:
+                logger.warning("model %r is not in the spool (no checkpoint given); its weights remain in the "
+                               "checkpoints", pending.name)
         if self._pending_end is not None:
             lines.append(encode({"kind": "end", "status": self._pending_end[0], "end_ms": self._pending_end[1]}))
         write_lines(path, lines)
@@ -671,7 +695,8 @@ def _spooled(path: Path) -> str:
     metrics = MetricTally()
     for record in spool.metrics:
         metrics.add(record["key"], record["step"])
-    counts = {"params": len(spool.params), "tags": len(spool.tags), "artifacts": len(spool.artifacts)}
+    counts = {"params": len(spool.params), "tags": len(spool.tags), "artifacts": len(spool.artifacts),
+              "models": len(spool.models)}
     if spool.end is not None:
         counts[f"end status {spool.end['status']}"] = 1
     return _counts(counts, metrics) or "the run itself"

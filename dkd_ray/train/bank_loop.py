@@ -17,7 +17,7 @@ from dkd_ray.train.workdata import load_training_annotations
 def build_bank(loop_config: dict[str, Any], session: Session | None = None) -> None:
     cfg = Config.from_dict(loop_config["config"])
     session = session or current_session(cfg.train.use_gpu, loop_config.get("checkpoint_root"),
-                                        loop_config.get("run_dir"))
+                                        loop_config.get("run_dir"), loop_config.get("run_uri"))
     uri = (loop_config.get("mlflow") or {}).get("uri") or loop_config.get("tracking_uri")  # the driver's MLflow
     teacher = load_model(loop_config["teacher_ref"], role="teacher", uri=uri).to(session.device)
     annotations = load_training_annotations(loop_config)

@@ -25,7 +25,7 @@ def evaluate_model(loop_config: dict[str, Any], session: Session | None = None) 
     Reports the metrics (and, for the student, the arrays) once; returns them on rank 0."""
     cfg = Config.from_dict(loop_config["config"])
     session = session or current_session(cfg.train.use_gpu, loop_config.get("checkpoint_root"),
-                                        loop_config.get("run_dir"))
+                                        loop_config.get("run_dir"), loop_config.get("run_uri"))
     role = loop_config.get("role", "student")
     model = load_model(loop_config["model_ref"], role=role, map_location=session.device).to(session.device).eval()
     annotations = load_training_annotations(loop_config)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dkd_ray.config import Config
-from dkd_ray.storage import absolute, is_remote
+from dkd_ray.storage import absolute, is_remote, join
 from dkd_ray.train.common import TrainingAborted
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ def fit(loop: Callable[[dict[str, Any]], Any], loop_config: dict[str, Any], cfg:
     storage = absolute(storage_path)
     if not is_remote(storage):  # lets a restarted worker find checkpoints Ray had not registered yet
         loop_config["run_dir"] = str(Path(storage) / name)
+    loop_config["run_uri"] = join(storage, name)  # where its checkpoints go (a failed copy is removed there)
     log.info("Ray Train run %s: %d worker(s), %s, storage %s", name, cfg.train.num_workers,
              "GPU/NCCL" if gpu else "CPU/gloo", storage)
     budget = cfg.train.max_failures if cfg.train.max_failures >= 0 else 10**9

@@ -9,6 +9,7 @@ The loop never imports Ray itself, so it is testable and the ranks see one inter
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -120,7 +121,7 @@ class RaySession(Session):
     the candidates are checked against their manifests, and resuming falls back to older ones.
     """
 
-    def __init__(self, use_gpu: str = "auto", run_dir: str | Path | None = None) -> None:
+    def __init__(self, use_gpu: str = "auto", run_dir: str | Path | None = None, run_uri: str | None = None) -> None:
         import ray.train
 
         self._train = ray.train
@@ -135,6 +136,7 @@ class RaySession(Session):
             self.device = pick_device(use_gpu, self.local_rank)
         self._restored: tempfile.TemporaryDirectory | None = None
         self.run_dir = Path(run_dir) if run_dir else None
+        self.run_uri = run_uri or (str(self.run_dir) if self.run_dir else None)  # where its checkpoints go
         try:
             self.run_name = context.get_experiment_name()
         except Exception:  # not every Ray version's context has it
@@ -165,7 +167,31 @@ class RaySession(Session):
                                checkpoint_upload_mode=self._train.CheckpointUploadMode.ASYNC,
                                delete_local_checkpoint_after_upload=True)
             return
-        self._train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        try:
+            self._train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        except OSError as error:  # the storage did not take it: full, read-only, gone
+            if checkpoint is None:
+                raise
+            raise self._write_failed(name, error) from error
+
+    def _write_failed(self, name: str | None, error: OSError) -> OSError:
+        """Remove the checkpoint's partial copy (a full disk gets back what it took; the folder
+        scan would skip it anyway) and say which checkpoint failed where, and why."""
+        where = self.run_uri or "the run's storage"
+        if name and self.run_uri:  # another rank may still be copying into it: the manifests catch that
+            from dkd_ray import storage
+
+            storage.remove(storage.join(self.run_uri, name))
+        full = error.errno == errno.ENOSPC or "No space left" in str(error)
+        reason = "the storage is full" if full else "the write failed"
+        return CheckpointWriteError(
+            errno.ENOSPC if full else (error.errno or errno.EIO), f"checkpoint {name} could not be written to {where}: {reason} ({error}); its partial "
+                         f"copy was removed and the older checkpoints are intact: once the storage takes it "
+                         f"again, the run resumes from the newest of them (--resume {self.run_name or '<run name>'})")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint the storage did not take (an ``OSError``: the run is retried like any I/O failure)."""
 
 
 def checkpoint_iteration(directory: Path) -> int:
@@ -282,13 +308,13 @@ def _remote_incomplete_reason(uri: str, meta: dict[str, Any]) -> str | None:
 
 
 def current_session(use_gpu: str = "auto", checkpoint_root: str | Path | None = None,
-                    run_dir: str | Path | None = None) -> Session:
+                    run_dir: str | Path | None = None, run_uri: str | None = None) -> Session:
     """A ``RaySession`` inside a Ray Train worker, else a ``LocalSession``."""
     try:
         import ray.train
 
         ray.train.get_context().get_world_rank()
-        return RaySession(use_gpu, run_dir)
+        return RaySession(use_gpu, run_dir, run_uri)
     except Exception:  # not in a Ray Train worker (or Ray not importable): run in-process
         root = Path(checkpoint_root or tempfile.mkdtemp(prefix="dkd-checkpoints-"))
         return LocalSession(checkpoint_root=root, device=pick_device(use_gpu))

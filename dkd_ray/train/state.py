@@ -29,7 +29,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +118,8 @@ class RunState:
     scheduler: Any
     scaler: Any
     progress: Progress
+    # names of the broken checkpoints skipped at resume: never reused (see _checkpoint_name)
+    _skipped_names: set[str] = field(default_factory=set)
 
     def resume(self) -> None:
         """Continue from the session's latest checkpoint, if there is one.
@@ -157,8 +159,8 @@ class RunState:
         candidates = self._candidates()
         shared = _process_group_size() > 1 and self.session.world_size > 1
         chosen = state = None
+        skipped: list[str] = []
         if not shared or self.session.is_main:
-            skipped: list[str] = []
             foreign: ForeignCheckpointError | None = None
             for directory in candidates:
                 try:
@@ -179,13 +181,19 @@ class RunState:
                 log.warning("%s: resuming from %s, older than the skipped %s", self.role, chosen, ", ".join(skipped))
             elif foreign is not None:
                 if shared:  # the other ranks stop with it rather than wait in the broadcast below
-                    _broadcast_from_rank0(_REFUSED, self.session.device)
+                    _broadcast_from_rank0((_REFUSED, []), self.session.device)
                 raise foreign
             elif skipped:
                 log.warning("%s: none of the %d checkpoint(s) found is usable (%s); starting from scratch",
                             self.role, len(skipped), ", ".join(skipped))
         if shared:
-            name = _broadcast_from_rank0(chosen.name if chosen is not None else None, self.session.device)
+            name, skipped = _broadcast_from_rank0(
+                (chosen.name if chosen is not None else None, skipped) if self.session.is_main else None,
+                self.session.device)
+        # A skipped (broken) checkpoint is still in Ray's list of this run's checkpoints: a new one
+        # under its name would be one folder listed twice, and Ray's pruning would delete it twice.
+        self._skipped_names = set(skipped)
+        if shared:
             if not self.session.is_main:
                 if name is None:
                     return None, None
@@ -300,9 +308,17 @@ class RunState:
                       "fingerprint_config": fingerprint_config(self.cfg, self.role),
                       MANIFEST_COUNT_KEY: self._checkpoint_writers()})
         write_manifest(directory, self.session.rank, self.session.world_size)  # last: after every file
-        self.session.report({**metrics, **self.progress.to_dict()}, directory,
-                            name=f"{self.role}_e{self.progress.epoch:03d}_i{self.progress.iteration:07d}",
+        self.session.report({**metrics, **self.progress.to_dict()}, directory, name=self._checkpoint_name(),
                             background=background)
+
+    def _checkpoint_name(self) -> str:
+        """``<role>_e<epoch>_i<iteration>``, with ``-r<n>`` when a skipped checkpoint has that name."""
+        name = base = f"{self.role}_e{self.progress.epoch:03d}_i{self.progress.iteration:07d}"
+        retake = 0
+        while name in self._skipped_names:
+            retake += 1
+            name = f"{base}-r{retake}"
+        return name
 
 
 def _process_group_size() -> int:

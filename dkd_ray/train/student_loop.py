@@ -93,7 +93,7 @@ def train_student(loop_config: dict[str, Any], session: Session | None = None) -
     cfg = Config.from_dict(loop_config["config"])
     scfg = cfg.student
     session = session or current_session(cfg.train.use_gpu, loop_config.get("checkpoint_root"),
-                                        loop_config.get("run_dir"))
+                                        loop_config.get("run_dir"), loop_config.get("run_uri"))
     seed_everything(cfg.train.seed + session.rank, cfg.train.deterministic)
     annotations = load_training_annotations(loop_config)
     evaluated_on, prefix = annotations, ""

@@ -43,7 +43,7 @@ def train_teacher(loop_config: dict[str, Any], session: Session | None = None) -
     cfg = Config.from_dict(loop_config["config"])
     tcfg = cfg.teacher
     session = session or current_session(cfg.train.use_gpu, loop_config.get("checkpoint_root"),
-                                        loop_config.get("run_dir"))
+                                        loop_config.get("run_dir"), loop_config.get("run_uri"))
     seed_everything(cfg.train.seed + session.rank, cfg.train.deterministic)
 
     annotations = load_training_annotations(loop_config)
