@@ -85,7 +85,7 @@ def test_tracking_server_killed_twice_mid_run_loses_no_metric_point(tiny_cuhk, t
             done = subprocess.run([sys.executable, *shlex.split(command)[1:]], env=env,
                                   capture_output=True, text=True, timeout=300, cwd=ROOT)
             assert done.returncode == 0, done.stdout + done.stderr
-        client = MlflowClient(server.uri)
+        client = MlflowClient(server.uri, server.uri)  # never a registry another test left set
         experiment = client.get_experiment_by_name("dkd-ray/synthetic")
         (run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'student-under-test'")
         train_keys = sorted(k for k in run.data.metrics if k.startswith("train/"))
