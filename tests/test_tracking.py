@@ -594,6 +594,21 @@ def _teacher_and_example(checkpoint):
     return teacher, example, tags
 
 
+def _cut_off_tracker(proxy: TcpProxy, folder: Path, run_name: str, close_timeout_s: float) -> tuple[Tracker, str]:
+    """A tracker whose run exists, then the connection to the server cut."""
+    tracker = Tracker("synthetic", "teacher", uri=proxy.uri, checkpoint_dir=str(folder), run_name=run_name,
+                      retry_after_s=0.05, close_timeout_s=close_timeout_s)
+    run_id = tracker.start()
+    proxy.cut()
+    return tracker, run_id
+
+
+def _log_teacher(tracker: Tracker, teacher, example, tags, checkpoint, registered_name: str):
+    return tracker.log_model(teacher, "model", example, config=teacher.spec, checkpoint=str(checkpoint),
+                             serialization="pickle", registered_name=registered_name, version_tags=tags,
+                             alias="champion")
+
+
 def _same_weights(a: nn.Module, b: nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -606,13 +621,9 @@ def test_a_model_logged_during_an_outage_is_logged_and_registered_when_the_serve
     teacher, example, tags = _teacher_and_example(tiny_teacher)
     proxy = TcpProxy(server.port)
     try:
-        tracker = Tracker("synthetic", "teacher", uri=proxy.uri, checkpoint_dir=str(tmp_path),
-                          run_name="model-waits", retry_after_s=0.05, close_timeout_s=20)
-        run_id = tracker.start()
-        proxy.cut()
+        tracker, run_id = _cut_off_tracker(proxy, tmp_path, "model-waits", close_timeout_s=20)
         with caplog.at_level(logging.WARNING, logger="dkd_ray.tracking"):
-            assert tracker.log_model(teacher, "model", example, config=teacher.spec, checkpoint=str(tiny_teacher),
-                                     serialization="pickle", registered_name="dkd-teacher-waits", version_tags=tags, alias="champion") is None
+            assert _log_teacher(tracker, teacher, example, tags, tiny_teacher, "dkd-teacher-waits") is None
         assert tracker.pending()["models"] == 1
         assert any("waits for MLflow" in r.getMessage() for r in caplog.records)
         proxy.restore()
@@ -634,13 +645,10 @@ def test_a_model_still_waiting_at_close_is_spooled_with_its_checkpoint_and_the_r
     teacher, example, tags = _teacher_and_example(tiny_teacher)
     proxy = TcpProxy(server.port)
     try:
-        tracker = Tracker("synthetic", "teacher", uri=proxy.uri, checkpoint_dir=str(tmp_path),
-                          run_name="model-spooled", retry_after_s=0.05, close_timeout_s=0.5)
-        run_id = tracker.start()
-        proxy.cut()
-        tracker.log_model(teacher, "model", example, config=teacher.spec, checkpoint=str(tiny_teacher),
-                          serialization="pickle", registered_name="dkd-teacher-spooled", version_tags=tags, alias="champion")
-        tracker.log_model(teacher, "in-memory-only", example, config=teacher.spec, serialization="pickle")  # no checkpoint: not spooled
+        tracker, run_id = _cut_off_tracker(proxy, tmp_path, "model-spooled", close_timeout_s=0.5)
+        _log_teacher(tracker, teacher, example, tags, tiny_teacher, "dkd-teacher-spooled")
+        # without a checkpoint it cannot outlive the process: not spooled
+        tracker.log_model(teacher, "in-memory-only", example, config=teacher.spec, serialization="pickle")
         spool = tracker.close()
     finally:
         proxy.close()

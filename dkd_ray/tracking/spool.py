@@ -465,12 +465,12 @@ def _replay(spool: Spool, uri: str) -> ReplayReport:
             report.missing_artifacts.append(local)
             continue
         report.artifacts += 1
+    from dkd_ray.train.checkpoint import CheckpointError
+
+    from .errors import ModelNotFoundError
+    from .pending_model import ModelNotLogged
+
     for pending in spool.models:  # before the end status: a FINISHED run has its model
-        from dkd_ray.train.checkpoint import CheckpointError
-
-        from .errors import ModelNotFoundError
-        from .pending_model import ModelNotLogged
-
         try:
             if pending.model_uri is None:
                 pending.load()
