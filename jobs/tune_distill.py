@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         check_model_ref(args.teacher, "teacher")  # before Ray starts and before any trial
     data_root, storage = prepare_driver(args, cfg)
     name = args.resume or args.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not args.resume:  # said first: a driver killed without a goodbye prints nothing at the end
+        print(f"sweep {name}: if it stops, continue it with: python jobs/tune_distill.py --space {args.space} "
+              f"--storage-path {storage} --resume {name}", flush=True)
     started = time.perf_counter()
     try:
         outcome = run_sweep(space, cfg, name=name, data_root=data_root, storage_path=storage,

@@ -38,7 +38,6 @@ def tiny_teacher(tiny_cuhk, tmp_path_factory) -> Path:
     return session.latest_checkpoint()
 
 
-
 @pytest.fixture(scope="session")
 def tiny_students(tiny_cuhk, tiny_teacher, tmp_path_factory) -> tuple[Path, Path]:
     """Two checkpoints of one student trained in-process on ``tiny_cuhk`` (iterations 1 and 2:
@@ -54,3 +53,22 @@ def tiny_students(tiny_cuhk, tiny_teacher, tmp_path_factory) -> tuple[Path, Path
                   LocalSession(checkpoint_root=root))
     newest, older = checkpoint_folders(root)[:2]
     return newest, older
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """An S3-compatible server (moto) on 127.0.0.1 for one test module, with the standard
+    ``AWS_*`` variables pointing this process at it while the module runs."""
+    from tests.harness import s3_server
+
+    with s3_server(tmp_path_factory.mktemp("s3")) as server:
+        saved = {k: os.environ.get(k) for k in server.env}
+        os.environ.update(server.env)
+        try:
+            yield server
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value

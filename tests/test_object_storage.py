@@ -1,7 +1,7 @@
 """Object storage as the only storage (issue: clusters without a shared file system).
 
 An S3-compatible server (moto) on 127.0.0.1 stands in for S3/MinIO; clients find it through the
-standard ``AWS_*`` variables, as on a cluster. One server serves the whole module."""
+standard ``AWS_*`` variables, as on a cluster. One server (conftest's ``s3``) serves the whole module."""
 
 from __future__ import annotations
 
@@ -16,25 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.harness import mlflow_server, ray_head, ray_node, s3_server, submit_job
+from tests.harness import mlflow_server, ray_head, ray_node, submit_job
 from tests.tiny import TINY_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    with s3_server(tmp_path_factory.mktemp("s3")) as server:
-        saved = {k: os.environ.get(k) for k in server.env}
-        os.environ.update(server.env)
-        try:
-            yield server
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
 
 @pytest.fixture
@@ -246,7 +231,8 @@ def test_student_job_on_two_nodes_with_only_object_storage(s3, bucket, tiny_cuhk
     given as an s3:// checkpoint, --storage-path s3://: the student's two DDP workers (one per
     node) are handed URIs only, read the teacher's bank from the bucket and checkpoint there;
     the second node is lost mid-training (SIGKILL of its raylet and worker), a replacement node
-    joins, and the run resumes from the newest checkpoint in the bucket on the same batches; the
+    joins, and the run resumes from the newest checkpoint in the bucket on the same batches, to the
+    final weights of a run never interrupted; the
     evaluation files, the run record and the model land in the bucket, nothing on a local
     storage folder; the run's params, metrics
     (the two-step reference too) and artifacts are in MLflow, and the registered model loads
@@ -256,6 +242,8 @@ def test_student_job_on_two_nodes_with_only_object_storage(s3, bucket, tiny_cuhk
     from dkd_ray import storage
     from dkd_ray.eval.pipeline import headline_prefix
     from dkd_ray.models.loading import load_model
+    from dkd_ray.train.checkpoint import load_checkpoint
+    from tests.ddp import train_student_on_workers
 
     teacher = f"{bucket}/teachers/tiny"
     storage.upload_dir(tiny_teacher, teacher)
@@ -336,3 +324,13 @@ def test_student_job_on_two_nodes_with_only_object_storage(s3, bucket, tiny_cuhk
     stored = load_model(run.data.tags["checkpoint"], role="student")
     for (name, a), (_, b) in zip(model.state_dict().items(), stored.state_dict().items()):
         assert torch.equal(a, b), name
+
+    # The interrupted run ends with the weights an uninterrupted one reaches (deterministic mode):
+    # its own config, read from its final checkpoint, on two plain gloo processes never stopped.
+    final = load_checkpoint(storage.localize(run.data.tags["checkpoint"]))
+    uninterrupted = load_checkpoint(train_student_on_workers(
+        {"config": final.config, "data_root": str(tiny_cuhk), "bank_path": str(tiny_teacher / "bank")},
+        tmp_path / "uninterrupted"))
+    assert final.iteration == uninterrupted.iteration == 6
+    differing = [name for name, value in uninterrupted.model.items() if not torch.equal(value, final.model[name])]
+    assert not differing, f"{len(differing)} tensors differ from the uninterrupted run's, e.g. {differing[:5]}"

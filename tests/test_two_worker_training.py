@@ -6,17 +6,13 @@ made equal before they evaluate and before rank 0's copy is saved."""
 
 from __future__ import annotations
 
-import datetime
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dkd_ray.config import preset
 from dkd_ray.train.session import LocalSession
-from tests.harness import free_port
+from tests.ddp import train_student_on_workers
 from tests.tiny import TINY_OVERRIDES
 
 
@@ -26,29 +22,14 @@ def _config():
                                                 "eval.score_threshold=0.05", "train.seed=3"])
 
 
-def _worker(rank: int, world: int, port: int, data_root: str, bank: str, out: str) -> None:
-    from dkd_ray.train.student_loop import train_student
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))  # bounded: a lost peer fails the test
-    try:
-        torch.set_num_threads(1)
-        session = LocalSession(checkpoint_root=Path(out) / f"rank{rank}")
-        session.rank, session.world_size = rank, world
-        train_student({"config": _config().to_dict(), "data_root": data_root, "bank_path": bank}, session)
-    finally:
-        dist.destroy_process_group()
-
-
 def test_sharded_evaluation_during_training_matches_the_saved_model(tiny_cuhk, tiny_teacher, tmp_path):
     from dkd_ray.data import load_annotations
     from dkd_ray.models.loading import load_model
     from dkd_ray.train.evaluation import EvaluationArrays, student_arrays
     from dkd_ray.train.workdata import dataset_layout
 
-    mp.spawn(_worker, args=(2, free_port(), str(tiny_cuhk), str(tiny_teacher / "bank"), str(tmp_path)),
-             nprocs=2, join=True)
-    checkpoint = LocalSession(checkpoint_root=tmp_path / "rank0").latest_checkpoint()
+    checkpoint = train_student_on_workers({"config": _config().to_dict(), "data_root": str(tiny_cuhk),
+                                           "bank_path": str(tiny_teacher / "bank")}, tmp_path)
     during_training = EvaluationArrays.load(checkpoint / "evaluation")
 
     cfg = _config()
@@ -63,3 +44,4 @@ def test_sharded_evaluation_during_training_matches_the_saved_model(tiny_cuhk, t
     np.testing.assert_allclose(gallery.boxes, alone.gallery.boxes, atol=1e-3)
     np.testing.assert_allclose(gallery.embeddings, alone.gallery.embeddings, atol=1e-4)
     np.testing.assert_allclose(during_training.query_embeddings, alone.query_embeddings, atol=1e-4)
+

@@ -32,6 +32,11 @@ DEFAULT_VALIDATION_FRACTION = 0.2
 # refuses an empty request, and a sliver of a CPU would make a trial that uses every CPU of the
 # cluster unschedulable, so it asks for a little memory only.
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 64 * 2**20}
+# How stale Tune's experiment state in the storage may get (Tune's default is 5 minutes). When the
+# driver dies without a goodbye (SIGKILL, a lost head pod), --resume sees the trials as they stood
+# then: a trial that finished in the last few seconds is restored from its final checkpoint and
+# ends at once. The state is a few small JSON files, so syncing often costs little.
+EXPERIMENT_SYNC_PERIOD_S = 10
 
 
 class SweepError(RuntimeError):
@@ -162,7 +167,8 @@ def _tuner(space: SearchSpace, cfg: Config, settings: dict[str, Any], sweep_uri:
         trainable, param_space=space.to_tune(),
         tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=space.num_samples,
                                     scheduler=_scheduler(space, epochs, sweep_uri), max_concurrent_trials=concurrency),
-        run_config=tune.RunConfig(name="tune", storage_path=sweep_uri, callbacks=[callback], verbose=1))
+        run_config=tune.RunConfig(name="tune", storage_path=sweep_uri, callbacks=[callback], verbose=1,
+                                  sync_config=tune.SyncConfig(sync_period=EXPERIMENT_SYNC_PERIOD_S)))
 
 
 def _interrupted(space: SearchSpace, settings: dict[str, Any], sweep_uri: str) -> bool:

@@ -144,8 +144,8 @@ def equalize_batch_norm_statistics(model: nn.Module, world_size: int) -> None:
     running ones only steer inference; but each worker evaluates its shard of the test set (and
     writes its part of the knowledge bank) with its own copy, and rank 0's copy is checkpointed.
     Without this, results would depend on the sharding: with the student's per-forward buffer
-    broadcast off, the copies drift. Mid-epoch checkpoints need no call: nothing sharded follows
-    them, and a resumed run loads rank 0's copy on every worker."""
+    broadcast off, the copies drift. Every checkpoint calls it too (``RunState.checkpoint``), as a
+    resumed run loads rank 0's copy on every worker."""
     if world_size <= 1:
         return
     stats = [t for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None

@@ -274,7 +274,14 @@ class RunState:
         """Report ``metrics`` with a checkpoint (a barrier: every rank calls it). Rank 0 writes
         the training state; every rank writes its RNG streams; ``add_files(directory)`` adds
         files next to them (on every rank when ``every_rank_writes``, else on rank 0). Every
-        rank's last file is its manifest (``MANIFEST.rank<r>.json``) of the files it wrote."""
+        rank's last file is its manifest (``MANIFEST.rank<r>.json``) of the files it wrote.
+
+        The workers' BatchNorm statistics are made equal first, in place: a resume loads rank 0's
+        copy on every worker, so the live copies must already be that copy, or a resumed run would
+        end with other statistics than one never stopped."""
+        from dkd_ray.train.common import equalize_batch_norm_statistics
+
+        equalize_batch_norm_statistics(self.model, min(_process_group_size(), self.session.world_size))
         background = self.cfg.train.checkpoint_upload == "async" and getattr(self.session, "uploads_in_background", False)
         if not background:
             with tempfile.TemporaryDirectory(prefix="dkd-ckpt-") as tmp:
